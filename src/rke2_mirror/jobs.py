@@ -1,0 +1,113 @@
+"""Wiring shared by the commands: build endpoints from options, check them, run the engine.
+
+No typer, no tqdm: the CLI passes a Progress and a log callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .auth import lookup_credentials
+from .copy import CopyEngine, CopyOptions, CopyTask, Locator, Progress, Report
+from .errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
+from .harbor import Harbor, project_of
+from .reference import ImageRef, RegistryURL, target_ref
+from .registry import Registry, RetryPolicy
+from .routing import SourceRouter, TargetLocator
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    ca_file: str | None = None
+    insecure: bool = False
+    flags: tuple[str, str] = ("--ca-file", "--insecure-skip-verify")
+
+    @property
+    def verify(self) -> bool | str:
+        if self.insecure:
+            return False
+        return self.ca_file or True
+
+
+SOURCE_TLS_FLAGS = ("--src-ca-file", "--src-insecure-skip-verify")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    tls: TLSOptions = field(default_factory=lambda: TLSOptions(flags=SOURCE_TLS_FLAGS))
+    endpoints: dict[str, RegistryURL] = field(default_factory=dict)
+
+
+def target_registry(target: RegistryURL, tls: TLSOptions, *, jobs: int = 8, retry: RetryPolicy | None = None,
+                    limiter=None) -> Registry:
+    return Registry(target.base_url, verify=tls.verify, credentials=lookup_credentials(target.host, target=True),
+                    actions="pull,push", jobs=jobs, retry=retry, tls_flags=tls.flags, limiter=limiter)
+
+
+def source_router(src: SourceOptions, *, jobs: int = 8, retry: RetryPolicy | None = None, limiter=None) -> SourceRouter:
+    def factory(base_url: str) -> Registry:
+        host = base_url.split("://", 1)[1]
+        return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host), actions="pull",
+                        jobs=jobs, retry=retry, tls_flags=src.tls.flags, limiter=limiter)
+    return SourceRouter(factory, src.endpoints)
+
+
+def check_endpoint(reg: Registry, role: str) -> None:
+    """Ping a registry; configuration problems become one-line errors (exit 2)."""
+    try:
+        reg.ping()
+    except (TLSError, UnreachableError, AuthError, RegistryError) as exc:
+        raise InputError(f"{role} {exc}") from None
+
+
+def ensure_harbor_projects(reg: Registry, repos: Sequence[str], *, public: bool, dry_run: bool, log: Log) -> None:
+    creds = reg.auth.credentials
+    harbor = Harbor(reg, creds)
+    if not harbor.detect():
+        return
+    projects = sorted({project_of(r) for r in repos})
+    if dry_run:
+        missing = [p for p in projects if not harbor.project_exists(p)]
+        if missing:
+            log(f"dry run: would create Harbor project(s): {', '.join(missing)}")
+        return
+    harbor.ensure_projects(projects, public=public, log=log)
+
+
+def mirror_tasks(refs: Sequence[ImageRef], target: RegistryURL) -> list[CopyTask]:
+    return [CopyTask(r, target_ref(r, target)) for r in refs]
+
+
+def run_copy(tasks: Sequence[CopyTask], source: Locator, target: Locator, options: CopyOptions,
+             progress: Progress | None = None) -> Report:
+    return CopyEngine(source, target, options, progress).run(tasks)
+
+
+def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOptions, source: SourceOptions,
+           options: CopyOptions, public_projects: bool = False, progress: Progress | None = None,
+           log: Log = lambda s: None, limiter=None) -> Report:
+    """Registry -> registry: the `mirror` command's job."""
+    tasks = mirror_tasks(refs, target)
+    router = source_router(source, jobs=options.blob_jobs, retry=options.retry, limiter=limiter)
+    tgt = target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, limiter=limiter)
+    try:
+        check_endpoint(tgt, "target")
+        seen: set[str] = set()
+        for t in tasks:
+            reg, _ = router.locate(t.source)
+            if reg.base_url not in seen:
+                seen.add(reg.base_url)
+                check_endpoint(reg, "source")
+        ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
+                               dry_run=options.dry_run, log=log)
+        return run_copy(tasks, router, TargetLocator(tgt), options, progress)
+    finally:
+        router.close()
+        tgt.close()
+
+
+__all__ = ["TLSOptions", "SourceOptions", "mirror", "mirror_tasks", "run_copy", "target_registry",
+           "source_router", "check_endpoint", "ensure_harbor_projects", "MirrorError"]
