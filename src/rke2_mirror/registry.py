@@ -18,7 +18,7 @@ import tenacity
 from .auth import Credentials, RegistryAuth
 from .errors import (AuthError, TokenError, DigestMismatch, MirrorError, NotFound, RegistryError, TemporaryError,
                      TLSError, UnreachableError)
-from .oci import ACCEPT, Descriptor, DigestingReader, sha256_digest
+from .oci import ACCEPT, SCHEMA1_TYPES, Descriptor, DigestingReader, parse_manifest, sha256_digest
 
 USER_AGENT = "rke2-mirror/0.1"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
@@ -242,6 +242,8 @@ class Registry:
             if len(raw) > MAX_MANIFEST_BYTES:
                 raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
             desc = Descriptor.of_bytes(resp.headers.get("content-type", "").split(";")[0], raw)
+            if desc.media_type in SCHEMA1_TYPES:
+                parse_manifest(desc.media_type, raw)  # raises the clear schema1 error
             if reference.startswith("sha256:") and desc.digest != reference:
                 raise DigestMismatch(f"{what}: manifest content hashes to {desc.digest}")
             return desc, raw
@@ -279,7 +281,7 @@ class Registry:
                 if resp.status_code != 200:
                     resp.read()
                     raise status_error(resp, what)
-                yield DigestingReader(self._guard(resp.iter_raw(), what), desc)
+                yield DigestingReader(self._guard(resp.iter_bytes(), what), desc)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, what) from None
 
