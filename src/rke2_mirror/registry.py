@@ -253,8 +253,15 @@ class Registry:
         what = f"push manifest {self.host}/{repo}:{reference}"
 
         def go():
-            resp = self._request("PUT", f"/v2/{repo}/manifests/{reference}", what, (200, 201, 202),
-                                 content=raw, headers={"Content-Type": media_type})
+            try:
+                resp = self._request("PUT", f"/v2/{repo}/manifests/{reference}", what, (200, 201, 202),
+                                     content=raw, headers={"Content-Type": media_type})
+            except RegistryError as exc:
+                # distribution's filesystem store answers 400 DIGEST_INVALID while another client
+                # writes the same manifest (concurrent runs): worth another try after a pause.
+                if exc.status == 400 and "DIGEST_INVALID" in str(exc):
+                    raise TemporaryError(str(exc), status=400) from None
+                raise
             return resp.headers.get("docker-content-digest", "")
         got = self._retrying(go)
         want = sha256_digest(raw)

@@ -1,0 +1,144 @@
+"""A run killed with SIGKILL at random points never leaves a tag pointing at missing content, and a
+rerun completes; concurrent runs into one target don't corrupt it; memory stays flat on a big blob."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from rke2_mirror.testing.images import ImagePusher, make_layer_blob, push_image
+
+from .test_mirror import assert_complete, write_list
+
+KILLS = 10
+
+
+def catalog(url: str) -> dict[str, list[str]]:
+    out = {}
+    with httpx.Client(base_url=url) as c:
+        repos = c.get("/v2/_catalog", params={"n": 1000}).json().get("repositories") or []
+        for r in repos:
+            out[r] = c.get(f"/v2/{r}/tags/list").json().get("tags") or []
+    return out
+
+
+@pytest.fixture
+def many_images(registry_factory):
+    src = registry_factory(name="src")
+    base = make_layer_blob("crash-base", 400_000)
+    images = {}
+
+    def one(i: int):
+        with ImagePusher(src.url) as p:
+            return push_image(p, f"rancher/img{i}", "v1", seed=f"crash{i}", base=base,
+                              layer_sizes=(150_000 + 10_000 * i,), kind="oci" if i % 2 else "docker")
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, img in enumerate(pool.map(one, range(16))):
+            images[f"docker.io/rancher/img{i}:v1"] = img
+    return src, images
+
+
+def _mirror_cmd(lst, dst, src):
+    return [sys.executable, "-m", "rke2_mirror", "mirror", "--images", str(lst), "--to", dst.url,
+            "--source-endpoint", f"docker.io={src.url}", "--jobs", "4"]
+
+
+def test_sigkill_at_random_points_never_leaves_a_dangling_tag(many_images, registry_factory, tmp_path):
+    src, images = many_images
+    dst = registry_factory(name="dst")
+    lst = write_list(tmp_path / "images.txt", list(images))
+    rng = random.Random(20261128)
+    checked = 0
+    for _ in range(KILLS):
+        proc = subprocess.Popen(_mirror_cmd(lst, dst, src), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        for repo, tags in catalog(dst.url).items():
+            for tag in tags:
+                assert_complete(dst.url, repo, tag)  # every tag resolves to complete content
+                checked += 1
+    final = subprocess.run(_mirror_cmd(lst, dst, src), capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    for ref, img in images.items():
+        repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+        assert assert_complete(dst.url, repo, "v1") == img.digest
+    print(f"{KILLS} runs killed, {checked} tags checked complete, {len(images)} images verified after rerun")
+
+
+def test_concurrent_runs_into_one_target(many_images, registry_factory, tmp_path):
+    src, images = many_images
+    dst = registry_factory(name="dst")
+    lst = write_list(tmp_path / "images.txt", list(images))
+    procs = [subprocess.Popen(_mirror_cmd(lst, dst, src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr + "\n" + "\n".join(l for l in dst.log_tail(400).splitlines() if "level=error" in l)[-3000:]
+    for ref, img in images.items():
+        repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+        assert assert_complete(dst.url, repo, "v1") == img.digest
+
+
+def _push_raw_blob_image(url: str, repo: str, size: int, seed: int) -> str:
+    """An image whose one layer is `size` pseudo-random bytes, streamed (never in memory at once)."""
+    import hashlib
+    import json
+
+    def chunks():
+        r = random.Random(seed)
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            left -= n
+            yield r.randbytes(n)
+
+    h = hashlib.sha256()
+    for c in chunks():
+        h.update(c)
+    digest = "sha256:" + h.hexdigest()
+    with httpx.Client(base_url=url, timeout=120) as c:
+        loc = c.post(f"/v2/{repo}/blobs/uploads/").headers["location"]
+        loc = str(httpx.URL(url).join(loc).copy_merge_params({"digest": digest}))
+        r = c.put(loc, content=chunks(), headers={"Content-Length": str(size)})
+        assert r.status_code == 201, r.text
+        cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+        cdig = "sha256:" + hashlib.sha256(cfg).hexdigest()
+        loc = c.post(f"/v2/{repo}/blobs/uploads/").headers["location"]
+        c.put(str(httpx.URL(url).join(loc).copy_merge_params({"digest": cdig})), content=cfg)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdig,
+                                          "size": len(cfg)},
+                               "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                           "digest": digest, "size": size}]}).encode()
+        r = c.put(f"/v2/{repo}/manifests/v1", content=manifest,
+                  headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        assert r.status_code == 201, r.text
+    return digest
+
+
+def test_memory_does_not_grow_with_blob_size(registry_factory, tmp_path):
+    src = registry_factory(name="src")
+    dst = registry_factory(name="dst")
+    size = 256 * 1024 * 1024
+    _push_raw_blob_image(src.url, "rancher/huge", size, 7)
+    lst = write_list(tmp_path / "images.txt", ["rancher/huge:v1"])
+    # Measure the mirror process alone: a wrapper runs it and reports its children's peak RSS.
+    wrapper = ("import resource, subprocess, sys;"
+               "r = subprocess.run(sys.argv[1:]);"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+               "sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *_mirror_cmd(lst, dst, src)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak_kb = int(proc.stdout.strip().splitlines()[-1])
+    assert peak_kb < 150 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB while copying a {size >> 20} MB blob"
