@@ -16,7 +16,8 @@ from .errors import InputError, MirrorError
 from .oci import Platform
 from .registry import RetryPolicy
 from .reference import ImageRef, RegistryURL
-from .routing import parse_source_endpoints
+from .cli_options import (CaFileOpt, FailedListOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt,
+                          SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt, source_options, target_tls)
 from .cli_util import error_line, run_command, stderr_log
 from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ProductChoice,
                            ProductOpt, ReleaseOpt, ReleaseOptions, ReleaseUrlOpt, collect_images)
@@ -35,20 +36,6 @@ app = typer.Typer(
 
 def err(msg: str) -> None:
     typer.echo(msg, err=True)
-
-
-# -- shared options ------------------------------------------------------------------------------
-ToOpt = Annotated[str, typer.Option("--to", help="Target registry: [https://|http://]HOST[:PORT][/PREFIX] (https by default).")]
-CaFileOpt = Annotated[Optional[Path], typer.Option("--ca-file", help="CA certificate (PEM) the target's TLS certificate is checked against.")]
-InsecureOpt = Annotated[bool, typer.Option("--insecure-skip-verify", help="Do not verify the target's TLS certificate (not recommended).")]
-SrcCaFileOpt = Annotated[Optional[Path], typer.Option("--src-ca-file", help="CA certificate (PEM) for the source registries.")]
-SrcInsecureOpt = Annotated[bool, typer.Option("--src-insecure-skip-verify", help="Do not verify the source registries' TLS certificates.")]
-SourceEndpointOpt = Annotated[list[str], typer.Option("--source-endpoint", help="REGISTRY=URL: pull REGISTRY's images from URL (a URL path is a repository prefix there), e.g. docker.io=http://127.0.0.1:5000 (repeatable).")]
-PlatformOpt = Annotated[list[str], typer.Option("--platform", help="OS/ARCH[/VARIANT] to copy, e.g. linux/amd64 (repeatable; default: all platforms, digests preserved).")]
-JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images copied at once.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout at the end.")]
-RetriesOpt = Annotated[int, typer.Option("--retries", min=1, max=20, help="Attempts per operation on transient errors (connection errors, 408, 429, 5xx), with exponential backoff.")]
-FailedListOpt = Annotated[Optional[Path], typer.Option("--failed-list", help="Write the references that failed to this file (readable by --images).")]
 
 
 def parse_platforms(values: list[str]) -> tuple[Platform, ...]:
@@ -147,13 +134,6 @@ def copy_options(platform: list[str], jobs_n: int, signatures: bool = False, dry
                        blob_jobs=max(4, jobs_n * 2), dry_run=dry_run, retry=RetryPolicy(attempts=retries))
 
 
-def tls(ca_file: Path | None, insecure: bool, src: bool = False) -> jobs.TLSOptions:
-    if ca_file is not None and not ca_file.is_file():
-        raise InputError(f"{'--src-ca-file' if src else '--ca-file'} {ca_file}: no such file")
-    return jobs.TLSOptions(str(ca_file) if ca_file else None, insecure,
-                           jobs.SOURCE_TLS_FLAGS if src else ("--ca-file", "--insecure-skip-verify"))
-
-
 def gather_images(images: list[Path] | None, releases: list[str] | None,
                   release_opts: ReleaseOptions | None = None) -> list[ImageRef]:
     """--images files merged with --release lists (verified against their checksum files)."""
@@ -201,9 +181,8 @@ def mirror(
     progress = CliProgress()
     try:
         report = jobs.mirror(
-            refs, target, target_tls=tls(ca_file, insecure_skip_verify),
-            source=jobs.SourceOptions(tls(src_ca_file, src_insecure_skip_verify, src=True),
-                                      parse_source_endpoints(source_endpoint)),
+            refs, target, target_tls=target_tls(ca_file, insecure_skip_verify),
+            source=source_options(src_ca_file, src_insecure_skip_verify, source_endpoint),
             options=opts, public_projects=public_projects, progress=progress, log=stderr_log)
     finally:
         progress.close()

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Optional
 import httpx
 import typer
 
+from .cli_options import JobsOpt, SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt
 from .cli_util import run_command, stderr_log
 from .errors import InputError
 from .reference import ImageRef, merge_refs, parse_image_lines
@@ -355,14 +356,32 @@ def list_command(
     channel_url: ChannelUrlOpt = None,
     lists_dir: ListsDirOpt = None,
     offline: OfflineOpt = False,
+    check: Annotated[bool, typer.Option("--check", help="Ask the source registries for every image (manifest HEADs "
+                                        "only: no pulls counted against rate limits); exit 1 if any is missing.")] = False,
+    source_endpoint: SourceEndpointOpt = [],
+    src_ca_file: SrcCaFileOpt = None,
+    src_insecure_skip_verify: SrcInsecureOpt = False,
+    jobs_n: JobsOpt = 8,
 ) -> None:
     """Print a release's images, one reference per line, verified against its sha256sum-<arch>.txt."""
     options = ReleaseOptions.from_cli(product, arch, flavor, release_url, channel_url, lists_dir, offline)
     (result,) = load_releases([release], options, log=stderr_log)
-    # `list --check` / `--dry-run` (they need the registry client) go here: they take `result.images`
-    # (and `result.version`), and print their report instead of the plain list below.
-    for ref in result.images:
-        typer.echo(str(ref))
+    if not check:
+        for ref in result.images:
+            typer.echo(str(ref))
+        return
+    from .cli_options import source_options
+    from .jobs import check_sources
+
+    checks = check_sources(result.images, source_options(src_ca_file, src_insecure_skip_verify, source_endpoint),
+                           jobs=jobs_n)
+    missing = [c for c in checks if c.digest is None]
+    for c in checks:
+        typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else ""))
+    typer.echo(f"{result.version}: {len(checks) - len(missing)} of {len(checks)} images present at the source"
+               + (f", {len(missing)} missing" if missing else ""), err=True)
+    if missing:
+        raise typer.Exit(1)
 
 
 @run_command

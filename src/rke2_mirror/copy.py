@@ -56,6 +56,7 @@ class CopyOptions:
     blob_jobs: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dry_run: bool = False
+    dry_run_heads_only: bool = False  # no manifest GETs at all (Docker Hub counts them as pulls)
     # Blobs to leave out (delta archives): digests the target is known to hold already.
     skip_blobs: frozenset[str] = frozenset()
 
@@ -220,6 +221,9 @@ class CopyEngine:
             if dst_head is not None and dst_head.digest == src_head.digest:
                 res.status = "skipped"
                 return
+        if self.opt.dry_run and self.opt.dry_run_heads_only:
+            res.status, res.note = "would-copy", "size not fetched"
+            return
         desc, raw = src_ep.get_manifest(src_repo, src_head.digest or ref)
         manifest = parse_manifest(desc.media_type or src_head.media_type, raw)
         res.source_digest = manifest.descriptor.digest

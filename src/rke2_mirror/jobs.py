@@ -6,13 +6,13 @@ No typer, no tqdm: the CLI passes a Progress and a log callback.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .auth import lookup_credentials
 from .copy import CopyEngine, CopyOptions, CopyTask, Locator, Progress, Report
 from .errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
 from .harbor import Harbor, project_of
-from .reference import ImageRef, RegistryURL, target_ref
+from .reference import DOCKER_HUB_API, ImageRef, RegistryURL, target_ref
 from .registry import Registry, RetryPolicy
 from .routing import SourceRouter, TargetLocator
 
@@ -77,6 +77,46 @@ def ensure_harbor_projects(reg: Registry, repos: Sequence[str], *, public: bool,
     harbor.ensure_projects(projects, public=public, log=log)
 
 
+@dataclass(frozen=True)
+class SourceCheck:
+    ref: ImageRef
+    digest: str | None  # None: missing
+    error: str | None = None
+
+
+def check_sources(refs: Sequence[ImageRef], source: SourceOptions, *, jobs: int = 8,
+                  retry: RetryPolicy | None = None) -> list[SourceCheck]:
+    """Ask the source for every reference with a manifest HEAD (no pull counted against rate limits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    router = source_router(source, jobs=jobs, retry=retry)
+
+    def one(ref: ImageRef) -> SourceCheck:
+        reg, repo = router.locate(ref)
+        try:
+            desc = reg.head_manifest(repo, ref.reference)
+        except MirrorError as exc:
+            return SourceCheck(ref, None, str(exc))
+        return SourceCheck(ref, desc.digest or "?" if desc else None, None if desc else "not found at the source")
+
+    try:
+        seen: set[str] = set()
+        for r in refs:
+            reg, _ = router.locate(r)
+            if reg.base_url not in seen:
+                seen.add(reg.base_url)
+                check_endpoint(reg, "source")
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            return list(pool.map(one, refs))
+    finally:
+        router.close()
+
+
+def counts_pulls(router: SourceRouter, refs: Sequence[ImageRef]) -> bool:
+    """Does any image come from Docker Hub itself (where every manifest GET counts as a pull)?"""
+    return any(router.endpoint_url(r).host == DOCKER_HUB_API for r in refs)
+
+
 def mirror_tasks(refs: Sequence[ImageRef], target: RegistryURL) -> list[CopyTask]:
     return [CopyTask(r, target_ref(r, target)) for r in refs]
 
@@ -103,6 +143,9 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
                 check_endpoint(reg, "source")
         ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
                                dry_run=options.dry_run, log=log)
+        if options.dry_run and counts_pulls(router, refs):
+            log("dry run: Docker Hub counts manifest GETs as pulls, so only HEADs are sent and sizes are not reported")
+            options = replace(options, dry_run_heads_only=True)
         return run_copy(tasks, router, TargetLocator(tgt), options, progress)
     finally:
         router.close()
