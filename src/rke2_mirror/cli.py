@@ -16,8 +16,9 @@ from .errors import InputError, MirrorError
 from .oci import Platform
 from .registry import RetryPolicy
 from .reference import ImageRef, RegistryURL
-from .cli_options import (CaFileOpt, FailedListOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt,
-                          SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt, source_options, target_tls)
+from .cli_options import (CaFileOpt, FailedListOpt, InsecureOpt, JobsOpt, JsonOpt, MaxRpsOpt, PlatformOpt,
+                          PullFloorOpt, RetriesOpt, ShardOpt, SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt,
+                          apply_shard, source_options, target_tls)
 from .cli_util import error_line, run_command, stderr_log
 from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ProductChoice,
                            ProductOpt, ReleaseOpt, ReleaseOptions, ReleaseUrlOpt, collect_images)
@@ -110,6 +111,8 @@ def finish(report: Report, *, as_json: bool, failed_list: Path | None, verb: str
         typer.echo(report.dumps())
     j = report.to_json()["summary"]
     extra = f", would copy {j['would_copy']}" if "would_copy" in j else ""
+    if j.get("deferred"):
+        extra += f", {j['deferred']} deferred ({j['stopped']})"
     err(f"{j['total']} images: {j['copied']} {verb}, {j['skipped']} already present, {j['failed']} failed{extra}; "
         f"{human_bytes(j['bytes'])} in {j['seconds']:.1f}s")
     if report.failed:
@@ -170,6 +173,9 @@ def mirror(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the source with manifest requests only; report what would be copied and what is missing.")] = False,
     jobs_n: JobsOpt = 4,
     retries: RetriesOpt = 5,
+    max_rps: MaxRpsOpt = None,
+    pull_floor: PullFloorOpt = 0,
+    shard: ShardOpt = None,
     as_json: JsonOpt = False,
     failed_list: FailedListOpt = None,
 ) -> None:
@@ -177,13 +183,15 @@ def mirror(
     target = RegistryURL.parse(to, what="--to")
     refs = gather_images(images, release, ReleaseOptions.from_cli(product, arch, flavor, release_url, channel_url,
                                                                   lists_dir, offline))
+    refs = apply_shard(refs, shard, stderr_log)
     opts = copy_options(platform, jobs_n, signatures, dry_run, retries)
     progress = CliProgress()
     try:
         report = jobs.mirror(
             refs, target, target_tls=target_tls(ca_file, insecure_skip_verify),
             source=source_options(src_ca_file, src_insecure_skip_verify, source_endpoint),
-            options=opts, public_projects=public_projects, progress=progress, log=stderr_log)
+            options=opts, public_projects=public_projects, progress=progress, log=stderr_log,
+            max_rps=max_rps, pull_floor=pull_floor)
     finally:
         progress.close()
     finish(report, as_json=as_json, failed_list=failed_list, verb="would copy" if dry_run else "copied")

@@ -59,6 +59,8 @@ class CopyOptions:
     dry_run_heads_only: bool = False  # no manifest GETs at all (Docker Hub counts them as pulls)
     # Blobs to leave out (delta archives): digests the target is known to hold already.
     skip_blobs: frozenset[str] = frozenset()
+    # Asked before each image starts; a reason (str) stops the run cleanly: the rest is "deferred".
+    stop_check: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -87,13 +89,16 @@ class ImageResult:
 class Report:
     images: list[ImageResult]
     seconds: float = 0.0
+    stopped: str | None = None  # why images were deferred
+    rate_limit: dict | None = None
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.images if r.status == status)
 
     @property
     def failed(self) -> list[ImageResult]:
-        return [r for r in self.images if r.status in ("failed", "missing")]
+        """Images not in place at the end: failed, missing at the source, or deferred."""
+        return [r for r in self.images if r.status in ("failed", "missing", "deferred")]
 
     @property
     def bytes(self) -> int:
@@ -104,6 +109,11 @@ class Report:
                    "failed": len(self.failed), "bytes": self.bytes, "seconds": round(self.seconds, 3)}
         if any(r.status == "would-copy" for r in self.images):
             summary["would_copy"] = self.count("would-copy")
+        if self.stopped:
+            summary["deferred"] = self.count("deferred")
+            summary["stopped"] = self.stopped
+        if self.rate_limit:
+            summary["rate_limit"] = self.rate_limit
         return {"summary": summary, "images": [r.to_json() for r in self.images]}
 
     def dumps(self) -> str:
@@ -173,13 +183,20 @@ class CopyEngine:
                 results[i] = res
                 extra.extend(sigs)
         self._blob_pool = None
-        return Report([r for r in results if r is not None] + extra, time.monotonic() - t0)
+        done = [r for r in results if r is not None] + extra
+        stopped = next((r.error for r in done if r.status == "deferred"), None)
+        return Report(done, time.monotonic() - t0, stopped=stopped)
 
     # -- one image ---------------------------------------------------------------------------
     def _copy_one(self, task: CopyTask) -> tuple[ImageResult, list[ImageResult]]:
         t0 = time.monotonic()
         res = ImageResult(str(task.source), str(task.target), "failed")
         sigs: list[ImageResult] = []
+        reason = self.opt.stop_check() if self.opt.stop_check else None
+        if reason:
+            res.status, res.error = "deferred", f"not started: {reason}"
+            self.progress.image_done(res)
+            return res, sigs
         try:
             self._copy_image(task, res)
             if self.opt.signatures and res.source_digest and not self.opt.platforms:

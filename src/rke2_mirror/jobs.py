@@ -14,6 +14,7 @@ from .errors import AuthError, InputError, MirrorError, RegistryError, TLSError,
 from .harbor import Harbor, project_of
 from .reference import DOCKER_HUB_API, ImageRef, RegistryURL, target_ref
 from .registry import Registry, RetryPolicy
+from .ratelimit import PullBudget, RequestRateLimiter
 from .routing import SourceRouter, TargetLocator
 
 Log = Callable[[str], None]
@@ -41,17 +42,24 @@ class SourceOptions:
     endpoints: dict[str, RegistryURL] = field(default_factory=dict)
 
 
+def _limiter(max_rps: float | None) -> RequestRateLimiter | None:
+    return RequestRateLimiter(max_rps) if max_rps else None
+
+
 def target_registry(target: RegistryURL, tls: TLSOptions, *, jobs: int = 8, retry: RetryPolicy | None = None,
-                    limiter=None) -> Registry:
+                    max_rps: float | None = None) -> Registry:
     return Registry(target.base_url, verify=tls.verify, credentials=lookup_credentials(target.host, target=True),
-                    actions="pull,push", jobs=jobs, retry=retry, tls_flags=tls.flags, limiter=limiter)
+                    actions="pull,push", jobs=jobs, retry=retry, tls_flags=tls.flags, limiter=_limiter(max_rps))
 
 
-def source_router(src: SourceOptions, *, jobs: int = 8, retry: RetryPolicy | None = None, limiter=None) -> SourceRouter:
+def source_router(src: SourceOptions, *, jobs: int = 8, retry: RetryPolicy | None = None,
+                  max_rps: float | None = None, budget: PullBudget | None = None) -> SourceRouter:
+    """One Registry per source endpoint, each with its own request-rate cap; all feed the pull budget."""
     def factory(base_url: str) -> Registry:
         host = base_url.split("://", 1)[1]
         return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host), actions="pull",
-                        jobs=jobs, retry=retry, tls_flags=src.tls.flags, limiter=limiter)
+                        jobs=jobs, retry=retry, tls_flags=src.tls.flags, limiter=_limiter(max_rps),
+                        on_response=budget.observe if budget else None)
     return SourceRouter(factory, src.endpoints)
 
 
@@ -128,11 +136,16 @@ def run_copy(tasks: Sequence[CopyTask], source: Locator, target: Locator, option
 
 def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOptions, source: SourceOptions,
            options: CopyOptions, public_projects: bool = False, progress: Progress | None = None,
-           log: Log = lambda s: None, limiter=None) -> Report:
-    """Registry -> registry: the `mirror` command's job."""
+           log: Log = lambda s: None, max_rps: float | None = None, pull_floor: int | None = None) -> Report:
+    """Registry -> registry: the `mirror` command's job.
+
+    `max_rps` caps requests per second to each registry (all workers together); `pull_floor` stops
+    starting new images once a source's rate-limit headers say that few pulls are left.
+    """
     tasks = mirror_tasks(refs, target)
-    router = source_router(source, jobs=options.blob_jobs, retry=options.retry, limiter=limiter)
-    tgt = target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, limiter=limiter)
+    budget = PullBudget(pull_floor or 0)
+    router = source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps, budget=budget)
+    tgt = target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps)
     try:
         check_endpoint(tgt, "target")
         seen: set[str] = set()
@@ -146,7 +159,13 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
         if options.dry_run and counts_pulls(router, refs):
             log("dry run: Docker Hub counts manifest GETs as pulls, so only HEADs are sent and sizes are not reported")
             options = replace(options, dry_run_heads_only=True)
-        return run_copy(tasks, router, TargetLocator(tgt), options, progress)
+        options = replace(options, stop_check=budget.exhausted)
+        report = run_copy(tasks, router, TargetLocator(tgt), options, progress)
+        if budget.remaining is not None or budget.hit_429:
+            report.rate_limit = budget.to_json()
+            left = f"{budget.remaining}" + (f" of {budget.limit}" if budget.limit else "")
+            log(f"source pull budget left for the next run: {left}")
+        return report
     finally:
         router.close()
         tgt.close()

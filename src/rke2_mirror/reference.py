@@ -190,3 +190,13 @@ def merge_refs(*lists: list[ImageRef]) -> list[ImageRef]:
                 seen.add(r)
                 out.append(r)
     return out
+
+
+def shard(refs: list[ImageRef], index: int, count: int) -> list[ImageRef]:
+    """The part `index` (0-based) of `count` disjoint parts of `refs`, chosen by a hash of each reference,
+    so N workers given 0/N .. N-1/N copy every image exactly once whatever order their lists are in."""
+    import hashlib
+
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"shard {index}/{count}: expected 0 <= I < N")
+    return [r for r in refs if int.from_bytes(hashlib.sha256(str(r).encode()).digest()[:8], "big") % count == index]

@@ -123,7 +123,8 @@ class Registry:
                  actions: str = "pull", jobs: int = 8, retry: RetryPolicy | None = None,
                  timeout: float = 60.0, chunk_size: int = 64 * 1024 * 1024,
                  monolithic_limit: int = 4 * 1024 * 1024, tls_flags: tuple[str, str] = ("--ca-file", "--insecure-skip-verify"),
-                 transport: httpx.BaseTransport | None = None, limiter: "Callable[[], None] | None" = None):
+                 transport: httpx.BaseTransport | None = None, limiter: "Callable[[], None] | None" = None,
+                 on_response: "Callable[[httpx.Response], None] | None" = None):
         parts = urlsplit(base_url)
         self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.host = parts.netloc
@@ -142,6 +143,7 @@ class Registry:
             headers={"User-Agent": USER_AGENT},
             transport=transport,
             follow_redirects=False,
+            event_hooks={"response": [on_response]} if on_response else None,
         )
         self._supports_mount = True
         self._lock = threading.Lock()
