@@ -116,24 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         node_yaml = work / "registries.yaml"
         node_cfg = work / "config.yaml"
         node_cfg.write_text("write-kubeconfig-mode: \"0644\"\n")
-        if _has_command(cli, "registries-yaml", env):
-            _say("4. the node configuration that matches the mirror")
-            _run(cli + ["registries-yaml", "--to", harbor.url, "--release", CHANNEL_VERSION,
-                        "--node-ca-file", str(ca.cert_path), "--with-auth", "--output", str(node_yaml),
-                        "--config-yaml", str(node_cfg)], env)
-            print(node_yaml.read_text())
-            print(f"config.yaml:\n{node_cfg.read_text()}")
-        if _has_command(cli, "verify", env) and node_yaml.exists():
-            _say("5. check, as a node would resolve them, that every image will be found")
-            _run(cli + ["verify", "--release", CHANNEL_VERSION, "--registries-yaml", str(node_yaml),
-                        "--config-yaml", str(node_cfg)], env)
-        if _has_command(cli, "save", env) and _has_command(cli, "load", env):
-            _say("6. across the air gap: save to one archive, load it into a fresh registry")
-            archive = work / f"rke2-images-{CHANNEL_VERSION.replace('+', '-')}.tar"
-            _run(cli + ["save", "--release", "stable", "--output", str(archive)] + common, env)
-            inner = start_registry(work / "airgapped")
-            stack.append(inner)
-            _run(cli + ["load", str(archive), "--to", inner.url], env)
+        _say("4. the node configuration that matches the mirror (credentials in it: written mode 0600)")
+        _run(cli + ["registries-yaml", "--to", harbor.url, "--release", CHANNEL_VERSION,
+                    "--node-ca-file", str(ca.cert_path), "--with-auth", "--output", str(node_yaml),
+                    "--config-yaml", str(node_cfg)], env)
+        print(_redacted(node_yaml.read_text()))
+        print(f"config.yaml:\n{node_cfg.read_text()}")
+        _say("5. check, as a node would resolve them, that every image will be found")
+        _run(cli + ["verify", "--release", CHANNEL_VERSION, "--registries-yaml", str(node_yaml),
+                    "--config-yaml", str(node_cfg)], env)
+        _say("6. across the air gap: save to one archive, inspect it, load it into a fresh registry")
+        archive = work / f"rke2-images-{CHANNEL_VERSION.replace('+', '-')}.tar"
+        _run(cli + ["save", "--release", "stable", "--output", str(archive)] + common, env)
+        _run(cli + ["inspect", str(archive)], env)
+        inner = start_registry(work / "airgapped")
+        stack.append(inner)
+        _run(cli + ["load", str(archive), "--to", inner.url], env)
         _say("done")
         print(f"The images of rke2 {CHANNEL_VERSION} are in {harbor.url}; the node files are in {work}.")
         return 0
@@ -149,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _has_command(cli: list[str], name: str, env: dict[str, str]) -> bool:
-    return subprocess.run(cli + [name, "--help"], env=env, capture_output=True).returncode == 0
+def _redacted(text: str) -> str:
+    """registries.yaml as shown on screen: passwords masked (the file itself keeps them, mode 0600)."""
+    import re
+
+    return re.sub(r'(password|identity_token):\s*.*', r'\1: "***"', text)
 
 
 if __name__ == "__main__":
