@@ -215,3 +215,32 @@ def test_dry_run_reports_without_writing(pair):
     assert by["docker.io/rancher/absent:v9"].status == "missing"
     assert dst.access_log() == [] or all('"PUT ' not in l and '"POST ' not in l for l in dst.access_log())
     assert list_tags(dst.url, "rancher/app") == []
+
+
+def test_connection_reset_mid_blob_and_read_stall_are_retried(pair):
+    src, dst, img = pair
+    from rke2_mirror.oci import parse_manifest
+    layer = parse_manifest(None, img.child_manifests[img.child("linux/amd64")]).layers[-1]
+    faults = {"reset": 0, "stall": 0}
+
+    def rule(req):
+        if req.method != "GET" or not req.url.path.endswith(layer.digest):
+            return None
+        if faults["reset"] == 0:
+            faults["reset"] += 1
+            real = httpx.HTTPTransport().handle_request(req)
+            body = real.read()
+
+            def broken():
+                yield body[:1000]
+                raise httpx.ReadError("connection reset by peer")
+            return httpx.Response(200, content=broken(), headers={"Content-Length": str(len(body))})
+        if faults["stall"] == 0:
+            faults["stall"] += 1
+            return httpx.ReadTimeout("timed out")
+        return None
+
+    rep = engine_copy(src.url, dst.url, ["rancher/app:v1"], src_transport=FaultTransport(rule))
+    assert rep.images[0].status == "copied", rep.images[0].error
+    assert faults == {"reset": 1, "stall": 1}
+    assert read_manifest(dst.url, "rancher/app", "v1")[2] == img.digest
