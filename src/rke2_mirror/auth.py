@@ -182,18 +182,14 @@ class RegistryAuth(httpx.Auth):
         realm = ch.params.get("realm")
         if not realm:
             raise AuthError(f"{self.host}: bearer challenge without a realm")
-        params: list[tuple[str, str]] = []
-        if ch.params.get("service"):
-            params.append(("service", ch.params["service"]))
-        for s in scopes:
-            params.append(("scope", s))
+        service = ch.params.get("service")
+        params = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
         c = self.credentials
         self.token_fetches += 1
-        if c and c.identity_token:
-            params_d = dict(params[:1])
-            resp = self._fetch(realm, None, None, data={
-                **params_d, "grant_type": "refresh_token", "refresh_token": c.identity_token,
-                "client_id": "rke2-mirror", "scope": " ".join(scopes)})
+        if c and c.identity_token:  # OAuth2 refresh-token grant (docker config "identitytoken")
+            form = {"grant_type": "refresh_token", "refresh_token": c.identity_token, "client_id": "rke2-mirror",
+                    "scope": " ".join(scopes), **({"service": service} if service else {})}
+            resp = self._fetch(realm, None, None, data=form)
         else:
             basic = (c.username, c.password) if c and (c.username or c.password) else None
             resp = self._fetch(realm, params, basic)
