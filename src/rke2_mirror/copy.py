@@ -249,11 +249,13 @@ class CopyEngine:
             if manifest.descriptor.digest != res.source_digest:
                 res.note = (f"platforms {', '.join(map(str, self.opt.platforms))} only: "
                             f"top-level digest changed from {res.source_digest}")
+        already_compared = res.digest == manifest.descriptor.digest  # by the HEAD above
         res.digest = manifest.descriptor.digest
-        dst_head = dst_ep.head_manifest(dst_repo, dst_ref)
-        if dst_head is not None and dst_head.digest == res.digest:
-            res.status = "skipped"
-            return
+        if not already_compared:
+            dst_head = dst_ep.head_manifest(dst_repo, dst_ref)
+            if dst_head is not None and dst_head.digest == res.digest:
+                res.status = "skipped"
+                return
         if self.opt.dry_run:
             res.status = "would-copy"
             res.bytes = self._size_estimate(src_ep, src_repo, manifest)
