@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.append(inner)
         _run(cli + ["load", str(archive), "--to", inner.url], env)
         _say("done")
-        print(f"The images of rke2 {CHANNEL_VERSION} are in {harbor.url}; the node files are in {work}.")
+        print(f"rke2 {CHANNEL_VERSION}: listed, mirrored into Harbor, node files written and verified, "
+              "saved to an archive and loaded across the gap."
+              + ("" if args.keep else " (The local registries stop now; --keep keeps the work directory.)"))
         return 0
     finally:
         for item in reversed(stack):
