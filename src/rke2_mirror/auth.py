@@ -48,7 +48,8 @@ def _normalize_host(key: str) -> str:
     return "docker.io" if k in _DOCKER_HUB_KEYS else k
 
 
-def _from_auth_file(path: Path, host: str) -> Credentials | None:
+def credentials_from_file(path: Path, host: str) -> Credentials | None:
+    """The entry for `host` in a docker config.json / containers auth.json (None if absent)."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -75,18 +76,20 @@ def _from_auth_file(path: Path, host: str) -> Credentials | None:
     return None
 
 
-def lookup_credentials(host: str, *, target: bool = False, env: dict[str, str] | None = None) -> Credentials | None:
-    """Credentials for `host` (host[:port]): env (target only), $REGISTRY_AUTH_FILE, docker config."""
+def lookup_credentials(host: str, *, target: bool = False, env: dict[str, str] | None = None,
+                       auth_files: tuple[Path, ...] = ()) -> Credentials | None:
+    """Credentials for `host` (host[:port]): env (target only), `auth_files` (e.g. from a sync config),
+    $REGISTRY_AUTH_FILE, docker config."""
     env = os.environ if env is None else env
     if target and env.get(ENV_USERNAME):
         return Credentials(env[ENV_USERNAME], env.get(ENV_PASSWORD, ""))
-    paths = []
+    paths = list(auth_files)
     if env.get("REGISTRY_AUTH_FILE"):
         paths.append(Path(env["REGISTRY_AUTH_FILE"]))
     docker_dir = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else Path.home() / ".docker"
     paths.append(docker_dir / "config.json")
     for p in paths:
-        creds = _from_auth_file(p, host)
+        creds = credentials_from_file(p, host)
         if creds:
             return creds
     return None

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .auth import lookup_credentials
+from pathlib import Path
+
+from .auth import Credentials, lookup_credentials
 from .copy import CopyEngine, CopyOptions, CopyTask, Locator, Progress, Report
 from .errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
 from .harbor import Harbor, project_of
@@ -40,6 +42,7 @@ SOURCE_TLS_FLAGS = ("--src-ca-file", "--src-insecure-skip-verify")
 class SourceOptions:
     tls: TLSOptions = field(default_factory=lambda: TLSOptions(flags=SOURCE_TLS_FLAGS))
     endpoints: dict[str, RegistryURL] = field(default_factory=dict)
+    auth_file: str | None = None  # a docker config.json / auth.json read before the usual places
 
 
 def _limiter(max_rps: float | None) -> RequestRateLimiter | None:
@@ -47,8 +50,10 @@ def _limiter(max_rps: float | None) -> RequestRateLimiter | None:
 
 
 def target_registry(target: RegistryURL, tls: TLSOptions, *, jobs: int = 8, retry: RetryPolicy | None = None,
-                    max_rps: float | None = None) -> Registry:
-    return Registry(target.base_url, verify=tls.verify, credentials=lookup_credentials(target.host, target=True),
+                    max_rps: float | None = None, credentials: Credentials | None = None) -> Registry:
+    """The target; `credentials` given explicitly win over the usual lookup."""
+    creds = credentials or lookup_credentials(target.host, target=True)
+    return Registry(target.base_url, verify=tls.verify, credentials=creds,
                     actions="pull,push", jobs=jobs, retry=retry, tls_flags=tls.flags, limiter=_limiter(max_rps))
 
 
@@ -57,7 +62,9 @@ def source_router(src: SourceOptions, *, jobs: int = 8, retry: RetryPolicy | Non
     """One Registry per source endpoint, each with its own request-rate cap; all feed the pull budget."""
     def factory(base_url: str) -> Registry:
         host = base_url.split("://", 1)[1]
-        return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host), actions="pull",
+        files = (Path(src.auth_file),) if src.auth_file else ()
+        return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host, auth_files=files),
+                        actions="pull",
                         jobs=jobs, retry=retry, tls_flags=src.tls.flags, limiter=_limiter(max_rps),
                         on_response=budget.observe if budget else None)
     return SourceRouter(factory, src.endpoints)
@@ -136,7 +143,8 @@ def run_copy(tasks: Sequence[CopyTask], source: Locator, target: Locator, option
 
 def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOptions, source: SourceOptions,
            options: CopyOptions, public_projects: bool = False, progress: Progress | None = None,
-           log: Log = lambda s: None, max_rps: float | None = None, pull_floor: int | None = None) -> Report:
+           log: Log = lambda s: None, max_rps: float | None = None, pull_floor: int | None = None,
+           target_credentials: Credentials | None = None) -> Report:
     """Registry -> registry: the `mirror` command's job.
 
     `max_rps` caps requests per second to each registry (all workers together); `pull_floor` stops
@@ -145,7 +153,8 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
     tasks = mirror_tasks(refs, target)
     budget = PullBudget(pull_floor or 0)
     router = source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps, budget=budget)
-    tgt = target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps)
+    tgt = target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
+                          credentials=target_credentials)
     try:
         check_endpoint(tgt, "target")
         seen: set[str] = set()
