@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import archive
+from . import archive, dockerarchive
 from .cli_releases import load_releases, read_image_file
 from .cli_util import run_command, stderr_log
 from .reference import RegistryURL
@@ -36,8 +36,8 @@ def _print_inspect(doc: dict) -> None:
     echo = typer.echo
     files = doc["files"]
     where = doc["archive"] if len(files) == 1 else f"{files[0]} … {Path(files[-1]).name} ({len(files)} parts)"
-    echo(f"archive:  {where}, {archive.human(doc['file_bytes'])}, OCI image layout"
-         + (f" {doc['layout_version']}" if doc.get("layout_version") else ""))
+    echo(f"archive:  {where}, {archive.human(doc['file_bytes'])}, " + doc.get(
+        "format", "OCI image layout" + (f" {doc['layout_version']}" if doc.get("layout_version") else "")))
     d = doc.get("delta")
     if d:
         echo(f"delta:    against {d['since']}: {d['omitted']} blobs ({archive.human(d['omitted_bytes'])}) left out; "
@@ -49,7 +49,7 @@ def _print_inspect(doc: dict) -> None:
         if "error" in im:
             rows.append((im["reference"], im["digest"][:19], "error", im["error"], ""))
             continue
-        kind = "index" if im["mediaType"].endswith(("index.v1+json", "list.v2+json")) else "manifest"
+        kind = im.get("kind") or ("index" if im["mediaType"].endswith(("index.v1+json", "list.v2+json")) else "manifest")
         size = archive.human(im["size"])
         if "size_in_archive" in im:
             size += f" ({archive.human(im['size_in_archive'])} here)"
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
     from .cli_options import (CaFileOpt, FailedListOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt,
                               SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt, source_options, target_tls)
     from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ProductChoice,
-                               ProductOpt, ReleaseOpt, ReleaseOptions, ReleaseUrlOpt)
+                               ProductOpt, ReleaseOpt, ReleaseOptions, ReleaseUrlOpt, release_http_client)
 
     @app.command("save")
     @run_command
@@ -142,8 +142,23 @@ def register(app: typer.Typer) -> None:
     @app.command("load")
     @run_command
     def load_command(
-        file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part, FILE.tar.part001).")],
+        file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part, FILE.tar.part001), "
+                                             "or a docker archive (docker save; .tar, .tar.gz, .tar.zst).")],
         to: ToOpt,
+        tmp_dir: Annotated[Optional[Path], typer.Option(
+            "--tmp-dir", metavar="DIR",
+            help="Where the layers of a compressed docker archive are spooled, gzip-compressed (default $TMPDIR, "
+                 "else /var/tmp).")] = None,
+        release: Annotated[Optional[str], typer.Option(
+            "--release", "-r", metavar="VERSION",
+            help="First verify FILE against this release's sha256sum-<arch>.txt (downloaded, or from --lists-dir "
+                 "with --offline); a mismatch refuses it.")] = None,
+        product: ProductOpt = ProductChoice.rke2,
+        arch: ArchOpt = None,
+        release_url: ReleaseUrlOpt = None,
+        channel_url: ChannelUrlOpt = None,
+        lists_dir: ListsDirOpt = None,
+        offline: OfflineOpt = False,
         ca_file: CaFileOpt = None,
         insecure_skip_verify: InsecureOpt = False,
         platform: PlatformOpt = [],
@@ -154,18 +169,24 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
         failed_list: FailedListOpt = None,
     ) -> None:
-        """Push every image of an archive to TARGET under its mapped name, digests preserved."""
+        """Push every image of an archive to TARGET under its mapped name, digests preserved (docker archives:
+        manifests rebuilt, new digests)."""
         target = RegistryURL.parse(to, what="--to")
         opts = cli.copy_options(platform, jobs_n, retries=retries)
         tls = target_tls(ca_file, insecure_skip_verify)
-        with archive.ArchiveReader(file, name=name) as reader:
+        if release:
+            ropts = ReleaseOptions.from_cli(product, arch, None, release_url, channel_url, lists_dir, offline)
+            with release_http_client() as client:
+                dockerarchive.verify_release_file(file, release, ropts.source(), ropts.arches if arch else (),
+                                                  None if offline else client, log=stderr_log)
+        with dockerarchive.open_archive(file, name=name, tmp_dir=tmp_dir, log=stderr_log) as reader:
             if reader.delta:
                 stderr_log(f"{reader.label} is a delta against {reader.delta.since}: checking that the target "
                            f"holds the {len(reader.delta.omitted)} blobs it leaves out")
             progress = CliProgress("load")
             try:
-                report = archive.load(reader, target, target_tls=tls, options=opts, public_projects=public_projects,
-                                      progress=progress, log=stderr_log)
+                report = dockerarchive.load(reader, target, target_tls=tls, options=opts,
+                                            public_projects=public_projects, progress=progress, log=stderr_log)
             finally:
                 progress.close()
         cli.finish(report, as_json=as_json, failed_list=failed_list, verb="loaded")
@@ -179,11 +200,11 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """List an archive's images, platforms and sizes; say whether it is a delta (and against what)."""
-        with archive.ArchiveReader(file, name=name) as reader:
+        with dockerarchive.open_archive(file, name=name, log=stderr_log) as reader:
             def on_blob(digest: str, error: str | None) -> None:
                 if error:
                     typer.echo(f"rke2-mirror: {digest}: {error}", err=True)
-            doc = archive.inspect(reader, check=check, on_blob=on_blob)
+            doc = dockerarchive.inspect(reader, check=check, on_blob=on_blob)
         if as_json:
             typer.echo(json.dumps(doc, indent=2))
         else:

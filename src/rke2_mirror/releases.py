@@ -519,7 +519,7 @@ def _wrong_product_hint(version: str, product: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Fetcher:
+class ReleaseFetcher:
     """Reads one release's assets online (and caches them) or from the cache (offline)."""
 
     source: ReleaseSource
@@ -639,7 +639,7 @@ def release_images(
     version = resolve_version(release, source, client, log)
     if not source.offline and client is None:
         raise ValueError("release_images: an httpx.Client is needed online")
-    fetcher = _Fetcher(source, version, client, log)
+    fetcher = ReleaseFetcher(source, version, client, log)
     what = f"{source.product} {version}"
     checksums: dict[str, dict[str, str]] = {}
     files: list[ListFile] = []
