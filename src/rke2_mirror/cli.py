@@ -140,7 +140,10 @@ def copy_options(platform: list[str], jobs_n: int, signatures: bool = False, dry
 def gather_images(images: list[Path] | None, releases: list[str] | None,
                   release_opts: ReleaseOptions | None = None) -> list[ImageRef]:
     """--images files merged with --release lists (verified against their checksum files)."""
-    return collect_images(images or [], releases or [], release_opts or ReleaseOptions(), log=stderr_log)
+    refs = collect_images(images or [], releases or [], release_opts or ReleaseOptions(), log=stderr_log)
+    if not refs:
+        raise InputError("no images: the lists given are empty")
+    return refs
 
 
 # -- commands ------------------------------------------------------------------------------------
