@@ -214,11 +214,11 @@ class CopyEngine:
     def _copy_signature(self, task: CopyTask, digest: str) -> list[ImageResult]:
         tag = digest.replace(":", "-") + ".sig"
         src_ep, src_repo = self.source.locate(task.source)
-        if src_ep.head_manifest(src_repo, tag) is None:
-            return []
         sig_task = CopyTask(task.source.with_tag(tag), task.target.with_tag(tag))
         res = ImageResult(str(sig_task.source), str(sig_task.target), "failed", note="signature")
         try:
+            if src_ep.head_manifest(src_repo, tag) is None:
+                return []
             self._copy_image(sig_task, res)
         except MirrorError as exc:
             res.error = str(exc)
@@ -282,11 +282,13 @@ class CopyEngine:
     def _manifest_platform(self, ep: Endpoint, repo: str, m: Manifest) -> Platform | None:
         if m.config is None or m.config.size > 4 * 1024 * 1024:
             return None
-        with ep.open_blob(repo, m.config) as chunks:
-            try:
-                doc = json.loads(b"".join(chunks))
-            except ValueError:
-                return None
+        def read() -> bytes:
+            with ep.open_blob(repo, m.config) as chunks:
+                return b"".join(chunks)
+        try:
+            doc = json.loads(self.opt.retry.call(read))
+        except ValueError:
+            return None
         if not isinstance(doc, dict) or "os" not in doc or "architecture" not in doc:
             return None
         return Platform(doc["os"], doc["architecture"], doc.get("variant"))
