@@ -261,7 +261,22 @@ class DeltaInfo:
         return sum(int(o.get("size") or 0) for o in self.omitted.values())
 
 
-class ArchiveReader:
+class ReadOnlyEndpoint:
+    """The write half of the engine's Endpoint for sources that are files: nothing can be written."""
+
+    label: str
+
+    def mount_blob(self, repo: str, desc: Descriptor, from_repo: str) -> bool:
+        return False
+
+    def put_manifest(self, repo: str, reference: str, media_type: str, raw: bytes) -> str:
+        raise MirrorError(f"{self.label}: an archive is read-only")
+
+    def push_blob(self, repo: str, desc: Descriptor, chunks: Iterable[bytes]) -> None:
+        raise MirrorError(f"{self.label}: an archive is read-only")
+
+
+class ArchiveReader(ReadOnlyEndpoint):
     """An OCI layout tar (or its split parts) as a read-only `Endpoint` and `Locator`.
 
     Member offsets come from one scan of the tar headers; blobs are then read in place with
@@ -496,14 +511,6 @@ class ArchiveReader:
         yield DigestingReader(self._iter_range(m.offset, m.size), desc,
                               what=f"blob {desc.digest} in {self.label} (corrupt archive)")
 
-    def mount_blob(self, repo: str, desc: Descriptor, from_repo: str) -> bool:
-        return False
-
-    def put_manifest(self, repo: str, reference: str, media_type: str, raw: bytes) -> str:
-        raise MirrorError(f"{self.label}: an archive is read-only")
-
-    def push_blob(self, repo: str, desc: Descriptor, chunks: Iterable[bytes]) -> None:
-        raise MirrorError(f"{self.label}: an archive is read-only")
 
     # -- checks ----------------------------------------------------------------------------
     def blob_members(self) -> list[tuple[str, Member]]:

@@ -16,7 +16,7 @@ from .errors import InputError, MirrorError
 from .oci import Platform
 from .registry import RetryPolicy
 from .reference import ImageRef, RegistryURL
-from .cli_options import (CaFileOpt, FailedListOpt, InsecureOpt, JobsOpt, JsonOpt, MaxRpsOpt, PlatformOpt,
+from .cli_options import (CaFileOpt, FailedListOpt, PublicProjectsOpt, InsecureOpt, JobsOpt, JsonOpt, MaxRpsOpt, PlatformOpt,
                           PullFloorOpt, RetriesOpt, ShardOpt, SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt,
                           apply_shard, source_options, target_tls)
 from .cli_util import error_line, run_command, stderr_log
@@ -172,7 +172,7 @@ def mirror(
     source_endpoint: SourceEndpointOpt = [],
     platform: PlatformOpt = [],
     signatures: Annotated[bool, typer.Option("--signatures", help="Also copy cosign-style signature tags (sha256-<hex>.sig).")] = False,
-    public_projects: Annotated[bool, typer.Option("--public-projects", help="Create missing Harbor projects as public (default: private).")] = False,
+    public_projects: PublicProjectsOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the source with manifest requests only; report what would be copied and what is missing.")] = False,
     jobs_n: JobsOpt = 4,
     retries: RetriesOpt = 5,

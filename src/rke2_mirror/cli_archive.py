@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
     """Add `save`, `load` and `inspect` to `app`."""
     from . import cli  # noqa: PLC0415 - see the module docstring
     from .cli import CliProgress
-    from .cli_options import (CaFileOpt, FailedListOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt,
+    from .cli_options import (CaFileOpt, FailedListOpt, PublicProjectsOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt,
                               SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt, source_options, target_tls)
     from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ProductChoice,
                                ProductOpt, ReleaseOpt, ReleaseOptions, ReleaseUrlOpt, release_http_client)
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
         insecure_skip_verify: InsecureOpt = False,
         platform: PlatformOpt = [],
         name: Annotated[Optional[str], typer.Option("--name", metavar="REPOSITORY[:TAG]", help=LOAD_NAME_HELP)] = None,
-        public_projects: Annotated[bool, typer.Option("--public-projects", help="Create missing Harbor projects as public (default: private).")] = False,
+        public_projects: PublicProjectsOpt = False,
         jobs_n: JobsOpt = 4,
         retries: RetriesOpt = 5,
         as_json: JsonOpt = False,

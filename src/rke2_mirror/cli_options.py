@@ -24,6 +24,7 @@ RetriesOpt = Annotated[int, typer.Option("--retries", min=1, max=20, help="Attem
 MaxRpsOpt = Annotated[Optional[float], typer.Option("--max-rps", min=0.1, help="At most this many requests per second to each registry, all workers together (Harbor and others throttle).")]
 PullFloorOpt = Annotated[int, typer.Option("--pull-floor", min=0, help="Stop starting new images when a source's rate-limit headers (Docker Hub: ratelimit-remaining) say this many pulls are left; the rest is reported as deferred.")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Copy only part I (0-based) of N disjoint parts of the image set, chosen by a hash of each reference. Default from $JOB_COMPLETION_INDEX and $RKE2_MIRROR_SHARDS (a Kubernetes Indexed Job).")]
+PublicProjectsOpt = Annotated[bool, typer.Option("--public-projects", help="Create missing Harbor projects as public (default: private).")]
 FailedListOpt = Annotated[Optional[Path], typer.Option("--failed-list", help="Write the references that failed to this file (readable by --images).")]
 
 

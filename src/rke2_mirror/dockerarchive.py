@@ -49,6 +49,7 @@ from pathlib import Path
 
 from . import archive, jobs
 from .archive import ArchiveReader, human, resolve_parts, safe_member_name
+from .layout import parse_name_option
 from .copy import CopyOptions, CopyTask, ImageResult, Progress, Report
 from .errors import ArchiveError, InputError, MirrorError, NotFound
 from .layout import is_digest, ref_key
@@ -557,7 +558,7 @@ class DockerImage:
         return (self.config_desc.size if self.config_desc else 0) + sum(l.member.size for l in self.layers)
 
 
-class DockerArchive:
+class DockerArchive(archive.ReadOnlyEndpoint):
     """A docker archive as a read-only `Endpoint` and `Locator` (like `ArchiveReader`).
 
     `open_archive` makes one; pass 1 runs in the constructor.  `prepare(...)` computes (and, for a
@@ -790,12 +791,7 @@ class DockerArchive:
             raise ArchiveError(f"{self.label}: manifest.json is not valid JSON ({exc})") from None
         if not isinstance(doc, list):
             raise ArchiveError(f"{self.label}: manifest.json is not a list of images")
-        base: ImageRef | None = None
-        if name:
-            try:
-                base = ImageRef.parse(name)
-            except InputError:
-                raise InputError(f"--name {name!r}: expected REPOSITORY[:TAG], e.g. docker.io/rancher/x") from None
+        base = parse_name_option(name)
         unnamed = 0
         for i, e in enumerate(doc):
             where = f"{self.label}: manifest.json entry {i}"
@@ -1134,14 +1130,6 @@ class DockerArchive:
             chunks = _gzip_chunks(_read_chunks(src))
         yield DigestingReader(chunks, desc, what=what + " (the file changed while being read?)")
 
-    def mount_blob(self, repo: str, desc: Descriptor, from_repo: str) -> bool:
-        return False
-
-    def put_manifest(self, repo: str, reference: str, media_type: str, raw: bytes) -> str:
-        raise MirrorError(f"{self.label}: an archive is read-only")
-
-    def push_blob(self, repo: str, desc: Descriptor, chunks: Iterable[bytes]) -> None:
-        raise MirrorError(f"{self.label}: an archive is read-only")
 
 
 # --------------------------------------------------------------------------- choosing a reader

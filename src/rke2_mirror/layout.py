@@ -110,17 +110,22 @@ def _looks_like_reference(text: str) -> bool:
     return any(c in text for c in "/:@")
 
 
+def parse_name_option(name: str | None) -> ImageRef | None:
+    """`--name REPOSITORY[:TAG]`: the name for archive entries that carry none (or only a tag)."""
+    if not name:
+        return None
+    try:
+        return ImageRef.parse(name)
+    except InputError:
+        raise InputError(f"--name {name!r}: expected REPOSITORY[:TAG], e.g. docker.io/rancher/x") from None
+
+
 def name_entries(index: dict, name: str | None = None, origin: str = "index.json") -> list[NamedImage]:
     """The images an index.json names, by the rules in this module's docstring."""
     entries = index.get("manifests")
     if not isinstance(entries, list):
         raise InputError(f"{origin}: not an OCI index (no manifests list)")
-    base: ImageRef | None = None
-    if name:
-        try:
-            base = ImageRef.parse(name)
-        except InputError:
-            raise InputError(f"--name {name!r}: expected REPOSITORY[:TAG], e.g. docker.io/rancher/x") from None
+    base = parse_name_option(name)
     out: list[NamedImage] = []
     unnamed: list[Descriptor] = []
     for i, entry in enumerate(entries):
