@@ -59,6 +59,9 @@ class CopyOptions:
     dry_run_heads_only: bool = False  # no manifest GETs at all (Docker Hub counts them as pulls)
     # Blobs to leave out (delta archives): digests the target is known to hold already.
     skip_blobs: frozenset[str] = frozenset()
+    # Blobs up to this size are uploaded without asking the target first (HEAD): on a registry the
+    # round trip costs more than re-sending a small blob that is there already.  0: always ask.
+    upload_without_head_below: int = 0
     # Asked before each image starts; a reason (str) stops the run cleanly: the rest is "deferred".
     stop_check: Callable[[], str | None] | None = None
 
@@ -370,7 +373,7 @@ class CopyEngine:
 
     def _head_or_transfer(self, src_ep: Endpoint, src_repo: str, dst_ep: Endpoint, dst_repo: str,
                           desc: Descriptor) -> int:
-        if dst_ep.blob_exists(dst_repo, desc):
+        if desc.size >= self.opt.upload_without_head_below and dst_ep.blob_exists(dst_repo, desc):
             return 0
 
         def once() -> int:

@@ -36,6 +36,7 @@ class TLSOptions:
 
 
 SOURCE_TLS_FLAGS = ("--src-ca-file", "--src-insecure-skip-verify")
+SMALL_BLOB = 64 * 1024  # registry targets: blobs below this are uploaded without a HEAD first (configs mostly)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
         if options.dry_run and counts_pulls(router, refs):
             log("dry run: Docker Hub counts manifest GETs as pulls, so only HEADs are sent and sizes are not reported")
             options = replace(options, dry_run_heads_only=True)
-        options = replace(options, stop_check=budget.exhausted)
+        options = replace(options, stop_check=budget.exhausted, upload_without_head_below=SMALL_BLOB)
         report = run_copy(tasks, router, TargetLocator(tgt), options, progress)
         if budget.remaining is not None or budget.hit_429:
             report.rate_limit = budget.to_json()

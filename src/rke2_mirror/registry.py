@@ -37,11 +37,22 @@ class RetryPolicy:
         return min(self.initial_wait * (2 ** (attempt - 1)), self.max_wait)
 
     def call(self, fn: Callable[[], object]):
-        """Run fn, retrying temporary errors; the last error is raised as it is."""
+        """Run fn, retrying temporary errors; the last error is raised as it is.
+
+        The first attempt runs bare: the retry machinery is built only once something failed,
+        so the thousands of calls that succeed at once cost nothing extra.
+        """
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless temporary
+            if not getattr(exc, "temporary", False) or self.attempts <= 1:
+                raise
+            first = exc
+        time.sleep(self.wait(1, first))
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: getattr(e, "temporary", False)),
-            stop=tenacity.stop_after_attempt(self.attempts),
-            wait=lambda rs: self.wait(rs.attempt_number, rs.outcome.exception() if rs.outcome else None),
+            stop=tenacity.stop_after_attempt(self.attempts - 1),
+            wait=lambda rs: self.wait(rs.attempt_number + 1, rs.outcome.exception() if rs.outcome else None),
             reraise=True,
         )
         return retrying(fn)
