@@ -368,3 +368,23 @@ def test_corrupt_source_blob_is_never_tagged(registry_factory, tmp_path):
     with pytest.raises(LookupError):
         read_manifest(dst.url, "rancher/bad", child)
     assert rep["docker.io/rancher/good:v1"]["status"] == "copied"
+
+
+def test_cold_copy_asks_nothing_per_blob_and_a_bump_reuses_layers(registry_factory, tmp_path):
+    src = registry_factory(name="src")
+    dst = registry_factory(name="dst")
+    base = make_layer_blob("bump-base", 400_000)
+    with ImagePusher(src.url) as p:
+        push_image(p, "rancher/app", "v1", seed="v1", base=base, platforms=None, layer_sizes=(100_000,))
+        push_image(p, "rancher/app", "v2", seed="v2", base=base, platforms=None, layer_sizes=(100_000,))
+    args = ("--to", dst.url, "--source-endpoint", f"docker.io={src.url}")
+    assert run_cli("mirror", "--images", str(write_list(tmp_path / "a.txt", ["rancher/app:v1"])), *args).returncode == 0
+    cold = dst.access_log()
+    assert not [l for l in cold if '"HEAD /v2/rancher/app/blobs/' in l]  # a new repository: no HEAD per blob
+    # the release bump: a new tag of a known repository shares the base layer, which is not sent again
+    proc = run_cli("mirror", "--images", str(write_list(tmp_path / "b.txt", ["rancher/app:v2"])), *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    bump = dst.access_log()[len(cold):]
+    assert any(f'"HEAD /v2/rancher/app/blobs/{base.digest}' in l for l in bump)
+    assert not [l for l in bump if '"PUT ' in l and base.digest.replace(":", "%3A") in l]
+    assert report(proc)["images"][0]["bytes"] < 400_000

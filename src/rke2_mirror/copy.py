@@ -27,6 +27,7 @@ class Endpoint(Protocol):
     """What the engine needs from a registry or an image layout, per repository."""
 
     def location(self, repo: str, reference: str) -> str: ...
+    def repository_is_new(self, repo: str) -> bool: ...
     def head_manifest(self, repo: str, reference: str) -> Descriptor | None: ...
     def get_manifest(self, repo: str, reference: str) -> tuple[Descriptor, bytes]: ...
     def put_manifest(self, repo: str, reference: str, media_type: str, raw: bytes) -> str: ...
@@ -170,6 +171,8 @@ class CopyEngine:
         self.progress = progress or Progress()
         self._blobs = _BlobTracker()
         self._blob_pool: ThreadPoolExecutor | None = None
+        self._fresh: dict[tuple[int, str], bool] = {}
+        self._fresh_lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
     def run(self, tasks: Sequence[CopyTask]) -> Report:
@@ -263,8 +266,21 @@ class CopyEngine:
             res.status = "would-copy"
             res.bytes = self._size_estimate(src_ep, src_repo, manifest)
             return
-        res.bytes = self._put_tree(src_ep, src_repo, dst_ep, dst_repo, manifest, dst_ref)
+        fresh = self._is_new(dst_ep, dst_repo)
+        res.bytes = self._put_tree(src_ep, src_repo, dst_ep, dst_repo, manifest, dst_ref, fresh)
         res.status = "copied"
+
+    def _is_new(self, ep: Endpoint, repo: str) -> bool:
+        """Was the target repository unknown when this run first looked (asked once per repository)?
+        Then its blobs and child manifests are uploaded without asking for each first: a cold copy
+        saves a request per blob.  Blobs this run already put there are known from the tracker."""
+        key = (id(ep), repo)
+        with self._fresh_lock:
+            if key in self._fresh:
+                return self._fresh[key]
+        fresh = ep.repository_is_new(repo)
+        with self._fresh_lock:
+            return self._fresh.setdefault(key, fresh)
 
     def _select_platforms(self, ep: Endpoint, repo: str, m: Manifest) -> Manifest:
         wanted = self.opt.platforms
@@ -307,7 +323,7 @@ class CopyEngine:
 
     # -- the graph walk ----------------------------------------------------------------------
     def _put_tree(self, src_ep: Endpoint, src_repo: str, dst_ep: Endpoint, dst_repo: str,
-                  root: Manifest, dst_ref: str) -> int:
+                  root: Manifest, dst_ref: str, fresh: bool = False) -> int:
         """Blobs, then child manifests (by digest), then the root under `dst_ref` (the tag) last."""
         children: list[tuple[Manifest, str]] = []
         blobs: dict[str, Descriptor] = {}
@@ -318,7 +334,7 @@ class CopyEngine:
                     blobs.setdefault(b.digest, b)
                 return
             for child in m.manifests:
-                if dst_ep.head_manifest(dst_repo, child.digest) is not None:
+                if not fresh and dst_ep.head_manifest(dst_repo, child.digest) is not None:
                     continue  # complete at the target already: children were written first
                 desc, raw = src_ep.get_manifest(src_repo, child.digest)
                 cm = parse_manifest(child.media_type or desc.media_type, raw)
@@ -326,18 +342,18 @@ class CopyEngine:
                 children.append((cm, child.digest))
 
         walk(root)
-        copied = self._copy_blobs(src_ep, src_repo, dst_ep, dst_repo, list(blobs.values()))
+        copied = self._copy_blobs(src_ep, src_repo, dst_ep, dst_repo, list(blobs.values()), fresh)
         for m, digest in children:
             dst_ep.put_manifest(dst_repo, digest, m.media_type, m.raw)
         dst_ep.put_manifest(dst_repo, dst_ref, root.media_type, root.raw)
         return copied
 
     def _copy_blobs(self, src_ep: Endpoint, src_repo: str, dst_ep: Endpoint, dst_repo: str,
-                    blobs: list[Descriptor]) -> int:
+                    blobs: list[Descriptor], fresh: bool = False) -> int:
         pool = self._blob_pool
         if pool is None or len(blobs) <= 1:
-            return sum(self._ensure_blob(src_ep, src_repo, dst_ep, dst_repo, b) for b in blobs)
-        futures = [pool.submit(self._ensure_blob, src_ep, src_repo, dst_ep, dst_repo, b) for b in blobs]
+            return sum(self._ensure_blob(src_ep, src_repo, dst_ep, dst_repo, b, fresh) for b in blobs)
+        futures = [pool.submit(self._ensure_blob, src_ep, src_repo, dst_ep, dst_repo, b, fresh) for b in blobs]
         total, first_error = 0, None
         for f in futures:  # wait for all, so no upload of this image is left running behind a failure
             try:
@@ -349,7 +365,7 @@ class CopyEngine:
         return total
 
     def _ensure_blob(self, src_ep: Endpoint, src_repo: str, dst_ep: Endpoint, dst_repo: str,
-                     desc: Descriptor) -> int:
+                     desc: Descriptor, fresh: bool = False) -> int:
         """Make `desc` present in dst_repo: skip, mount, or stream.  Returns bytes transferred."""
         if desc.digest in self.opt.skip_blobs:
             return 0
@@ -362,9 +378,9 @@ class CopyEngine:
             if state.origin and dst_ep.mount_blob(dst_repo, desc, state.origin):
                 state.repos.add(dst_repo)
                 return 0
-            return self._head_or_transfer(src_ep, src_repo, dst_ep, dst_repo, desc)
+            return self._head_or_transfer(src_ep, src_repo, dst_ep, dst_repo, desc, fresh)
         try:
-            n = self._head_or_transfer(src_ep, src_repo, dst_ep, dst_repo, desc)
+            n = self._head_or_transfer(src_ep, src_repo, dst_ep, dst_repo, desc, fresh)
             state.repos.add(dst_repo)
             state.origin = dst_repo
             return n
@@ -372,8 +388,9 @@ class CopyEngine:
             state.done.set()
 
     def _head_or_transfer(self, src_ep: Endpoint, src_repo: str, dst_ep: Endpoint, dst_repo: str,
-                          desc: Descriptor) -> int:
-        if desc.size >= self.opt.upload_without_head_below and dst_ep.blob_exists(dst_repo, desc):
+                          desc: Descriptor, fresh: bool = False) -> int:
+        ask = not fresh and desc.size >= self.opt.upload_without_head_below
+        if ask and dst_ep.blob_exists(dst_repo, desc):
             return 0
 
         def once() -> int:

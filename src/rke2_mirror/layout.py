@@ -410,6 +410,9 @@ class LayoutDir:
             self.tag(ref_key(repo, reference), media_type, digest, len(raw))
         return digest
 
+    def repository_is_new(self, repo: str) -> bool:
+        return False  # existence checks are local and cheap here: always make them
+
     def blob_exists(self, repo: str, desc: Descriptor) -> bool:
         return self._has_blob(desc)
 

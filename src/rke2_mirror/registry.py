@@ -371,6 +371,18 @@ class Registry:
             raise RegistryError(f"{what}: the registry sent no upload Location")
         return str(httpx.URL(self.base_url).join(loc))
 
+    def repository_is_new(self, repo: str) -> bool:
+        """True when the registry knows nothing of `repo` (tags/list answers 404 NAME_UNKNOWN):
+        then no blob or manifest of it can be there, and asking for each one is wasted."""
+        def go():
+            resp = self._request("GET", f"/v2/{repo}/tags/list", f"{self.host}/{repo} tags", (200, 404),
+                                 params={"n": 1})
+            return resp.status_code == 404
+        try:
+            return self._retrying(go)
+        except (AuthError, RegistryError):
+            return False  # can't tell: ask per blob as usual
+
     def tags(self, repo: str) -> list[str]:
         resp = self._retrying(lambda: self._request("GET", f"/v2/{repo}/tags/list", f"{self.host}/{repo} tags", (200,)))
         return list(resp.json().get("tags") or [])
