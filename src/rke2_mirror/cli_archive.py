@@ -12,10 +12,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import archive, dockerarchive
 from .cli_releases import load_releases, read_image_file
-from .cli_util import run_command, stderr_log
+from .cli_util import LazyModule, run_command, stderr_log
 from .reference import RegistryURL
+
+archive = LazyModule("rke2_mirror.archive")
+dockerarchive = LazyModule("rke2_mirror.dockerarchive")
 
 LOAD_NAME_HELP = ("REPOSITORY[:TAG] for index.json entries that name no image or only a tag (skopeo's "
                   "oci-archive:FILE or oci-archive:FILE:TAG), e.g. docker.io/rancher/x.")

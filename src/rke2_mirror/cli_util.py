@@ -42,3 +42,19 @@ def stderr_log(message: str) -> None:
 
 def quiet_log(_: str) -> None:
     pass
+
+
+class LazyModule:
+    """`archive = LazyModule("rke2_mirror.archive")`: imported on first use, so a command pays only
+    for the modules it runs (start-up time is most of a no-op run)."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module = None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            import importlib
+
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
