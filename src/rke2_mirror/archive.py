@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import jobs
+from .units import human
 from .copy import CopyOptions, CopyTask, Progress, Report
 from .errors import ArchiveError, DigestMismatch, InputError, MirrorError, NotFound, UnsupportedManifest
 from .layout import (CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE, LAYOUT_VERSION, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES,
@@ -125,12 +126,18 @@ def looks_like_archive(path: Path) -> bool:
     return len(head) == 512 and head[257:262] == b"ustar"
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+def tar_entries(tf: tarfile.TarFile, label: str) -> Iterator[tarfile.TarInfo]:
+    """A tar's headers one by one (nothing extracted, nothing kept in tf.members); a broken header
+    is one clear error."""
+    while True:
+        try:
+            ti = tf.next()
+        except (tarfile.TarError, ValueError) as exc:
+            raise ArchiveError(f"{label}: truncated or corrupt tar ({exc})") from None
+        if ti is None:
+            return
+        tf.members = []
+        yield ti
 
 
 # --------------------------------------------------------------------------- member names
@@ -369,13 +376,7 @@ class ArchiveReader(ReadOnlyEndpoint):
         except (tarfile.TarError, ValueError) as exc:
             raise self._not_a_tar(str(exc)) from None
         try:
-            while True:
-                try:
-                    ti = tf.next()
-                except (tarfile.TarError, ValueError) as exc:
-                    raise ArchiveError(f"{self.label}: truncated or corrupt tar ({exc})") from None
-                if ti is None:
-                    break
+            for ti in tar_entries(tf, self.label):
                 name = safe_member_name(ti.name)
                 if not ti.isreg() or ti.issparse():
                     if not ti.isdir():

@@ -15,6 +15,7 @@ from .copy import CopyOptions, ImageResult, Progress, Report
 from .errors import InputError, MirrorError
 from .oci import Platform
 from .registry import RetryPolicy
+from .units import human as human_bytes
 from .reference import ImageRef, RegistryURL
 from .cli_options import (CaFileOpt, FailedListOpt, PublicProjectsOpt, InsecureOpt, JobsOpt, JsonOpt, MaxRpsOpt, PlatformOpt,
                           PullFloorOpt, RetriesOpt, ShardOpt, SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt,
@@ -46,12 +47,6 @@ def parse_platforms(values: list[str]) -> tuple[Platform, ...]:
         raise InputError(str(exc)) from None
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 class CliProgress(Progress):

@@ -635,13 +635,7 @@ class DockerArchive(archive.ReadOnlyEndpoint):
                 tf = tarfile.open(fileobj=f, mode="r:")
             except (tarfile.TarError, ValueError) as exc:
                 raise ArchiveError(f"{self.label} is not a tar archive ({exc})") from None
-            while True:
-                try:
-                    ti = tf.next()
-                except (tarfile.TarError, ValueError) as exc:
-                    raise ArchiveError(f"{self.label}: truncated or corrupt tar ({exc})") from None
-                if ti is None:
-                    break
+            for ti in archive.tar_entries(tf, self.label):
                 if self._add(ti):
                     if ti.offset_data + ti.size > self.size:
                         raise ArchiveError(f"{self.label}: truncated: member {ti.name} ends past the end of the file")
@@ -651,7 +645,6 @@ class DockerArchive(archive.ReadOnlyEndpoint):
                         head = os.pread(self._fd, 1, m.offset).lstrip()
                         if head in (b"{", b"["):
                             self._keep(m, os.pread(self._fd, m.size, m.offset))
-                tf.members = []
             end = tf.offset
         tail = os.pread(self._fd, 512, end)
         if len(tail) < 512:
