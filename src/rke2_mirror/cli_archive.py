@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
                 stderr_log(f"delta against {since_spec.label}: {res.omitted} blobs "
                            f"({archive.human(res.omitted_bytes)}) left out")
         else:
-            stderr_log(f"no archive written: no image was saved")
+            stderr_log("no archive written: no image was saved")
         if res.work_dir_kept and res.work_dir is not None and res.work_dir.exists():
             stderr_log(f"work dir kept: {res.work_dir}" + (" (run again to complete)" if res.report.failed else ""))
         cli.finish(res.report, as_json=as_json, failed_list=failed_list, verb="saved")

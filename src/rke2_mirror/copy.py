@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import DigestMismatch, MirrorError, NotFound, UnsupportedManifest
+from .errors import MirrorError, NotFound
 from .oci import Descriptor, Manifest, Platform, filter_index, parse_manifest
 from .reference import ImageRef
 from .registry import RetryPolicy
@@ -240,8 +240,7 @@ class CopyEngine:
             raise NotFound(f"not found at the source ({src_ep.location(src_repo, ref)})")
         if src_head.digest and not self.opt.platforms:
             res.source_digest = res.digest = src_head.digest
-            dst_head = dst_ep.head_manifest(dst_repo, dst_ref)
-            if dst_head is not None and dst_head.digest == src_head.digest:
+            if self._target_has(dst_ep, dst_repo, dst_ref, src_head.digest):
                 res.status = "skipped"
                 return
         if self.opt.dry_run and self.opt.dry_run_heads_only:
@@ -257,11 +256,9 @@ class CopyEngine:
                             f"top-level digest changed from {res.source_digest}")
         already_compared = res.digest == manifest.descriptor.digest  # by the HEAD above
         res.digest = manifest.descriptor.digest
-        if not already_compared:
-            dst_head = dst_ep.head_manifest(dst_repo, dst_ref)
-            if dst_head is not None and dst_head.digest == res.digest:
-                res.status = "skipped"
-                return
+        if not already_compared and self._target_has(dst_ep, dst_repo, dst_ref, res.digest):
+            res.status = "skipped"
+            return
         if self.opt.dry_run:
             res.status = "would-copy"
             res.bytes = self._size_estimate(src_ep, src_repo, manifest)
@@ -269,6 +266,12 @@ class CopyEngine:
         fresh = self._is_new(dst_ep, dst_repo)
         res.bytes = self._put_tree(src_ep, src_repo, dst_ep, dst_repo, manifest, dst_ref, fresh)
         res.status = "copied"
+
+    @staticmethod
+    def _target_has(ep: Endpoint, repo: str, ref: str, digest: str) -> bool:
+        """Does the target's `ref` already name exactly this manifest (a manifest HEAD)?"""
+        head = ep.head_manifest(repo, ref)
+        return head is not None and head.digest == digest
 
     def _is_new(self, ep: Endpoint, repo: str) -> bool:
         """Was the target repository unknown when this run first looked (asked once per repository)?

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-
 from pathlib import Path
 
 from .auth import Credentials, lookup_credentials
@@ -179,7 +178,3 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
     finally:
         router.close()
         tgt.close()
-
-
-__all__ = ["TLSOptions", "SourceOptions", "mirror", "mirror_tasks", "run_copy", "target_registry",
-           "source_router", "check_endpoint", "ensure_harbor_projects", "MirrorError"]

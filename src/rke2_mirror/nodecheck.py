@@ -329,7 +329,7 @@ def _first_line(text: str) -> str:
 def _ca_fix(a: Attempt) -> str:
     key = a.config_key if a.config_key not in (None, "*") else a.endpoint.host
     if a.default and a.tls is None and a.config_key is not None:
-        way = (f"add the CA to the nodes' system trust store" if ":" in a.endpoint.host else
+        way = ("add the CA to the nodes' system trust store" if ":" in a.endpoint.host else
                f"write the mirror endpoint as \"https://{a.endpoint.host}:443\" (configs.\"{a.endpoint.host}:443\")")
         return (f"configs.\"{key}\".tls is not applied to the default endpoint by this RKE2 version "
                 f"(rancher/rke2#5658, fixed in {DEFAULT_ENDPOINT_TLS_FIX.describe()}): upgrade, or {way}")
