@@ -321,10 +321,10 @@ def test_interrupted_save_resumes_fetching_only_what_is_missing(source, tmp_path
 def test_interrupted_archive_write_leaves_no_file(source, tmp_path, monkeypatch):
     out = tmp_path / "out.tar"
 
-    def boom(self, n=-1):
+    def boom(self, src_fd, size):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive_mod._HashingFile, "read", boom)
+    monkeypatch.setattr(archive_mod._PartWriter, "copy_from", boom)
     code, _, _ = save(source, out)
     assert code != 0
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
@@ -332,6 +332,44 @@ def test_interrupted_archive_write_leaves_no_file(source, tmp_path, monkeypatch)
     monkeypatch.undo()
     code, _, err = save(source, out)
     assert code == 0 and "0 saved, 4 already present" in err
+
+
+def test_a_blob_left_by_an_earlier_run_is_hashed_again_before_it_goes_into_the_tar(source, tmp_path, monkeypatch):
+    out = tmp_path / "out.tar"
+    work = tmp_path / "out.tar.work"
+    monkeypatch.setattr(archive_mod._PartWriter, "copy_from", lambda self, fd, size: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert save(source, out)[0] != 0 and (work / "index.json").is_file()
+    monkeypatch.undo()
+    blobs = sorted(p for p in (work / "blobs" / "sha256").iterdir() if p.stat().st_size > 64)
+    flip_byte(blobs[0], 10)  # same size, other content: only a hash finds it
+    code, _, err = save(source, out)
+    assert code != 0 and f"blob sha256:{blobs[0].name} in the work dir" in err and "corrupt (removed)" in err
+    assert not out.exists() and not blobs[0].exists()
+    code, _, err = save(source, out)  # the rerun fetches it again
+    assert code == 0, err
+    assert blobs[0].name in blob_names(out)
+    code, text, err = cli("inspect", out, "--check")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("kernel_can", ["sendfile", "neither"])
+def test_archive_bytes_are_the_same_without_copy_file_range(source, tmp_path, monkeypatch, kernel_can):
+    import errno as _errno
+
+    reference = tmp_path / "ref.tar"
+    assert save(source, reference)[0] == 0
+
+    def refuse(*a, **kw):
+        raise OSError(_errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(archive_mod.os, "copy_file_range", refuse)
+    if kernel_can == "neither":
+        monkeypatch.setattr(archive_mod.os, "sendfile", lambda *a: (_ for _ in ()).throw(OSError(_errno.ENOSYS, "no")))
+    out = tmp_path / "out.tar"
+    code, _, err = save(source, out, "--split", "10K")
+    assert code == 0, err
+    joined = b"".join(p.read_bytes() for p in sorted(tmp_path.glob("out.tar.part*")))
+    assert joined == reference.read_bytes()
 
 
 def test_split_parts_round_trip(source, dst, tmp_path):

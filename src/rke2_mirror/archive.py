@@ -25,8 +25,8 @@ are ignored.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -554,6 +554,7 @@ class _PartWriter:
         self._f = None
         self._in_part = 0
         self._pos = 0
+        self._copy_modes = ("copy_file_range", "sendfile", "pread")
         if split is None:
             self._open(output)
 
@@ -561,7 +562,7 @@ class _PartWriter:
         tmp = final.with_name(final.name + ".partial")
         self.finals.append(final)
         self.temps.append(tmp)
-        self._f = open(tmp, "wb", buffering=CHUNK)
+        self._f = open(tmp, "wb", buffering=0)  # unbuffered: copy_from() writes to the fd directly
         self._in_part = 0
 
     def _next_part(self) -> None:
@@ -575,18 +576,54 @@ class _PartWriter:
         os.fsync(f.fileno())
         f.close()
 
+    def _room(self, want: int) -> int:
+        """Bytes that go into the current part (opening the next one when this one is full)."""
+        if self._f is None or (self.split is not None and self._in_part >= self.split):
+            self._next_part()
+        return want if self.split is None else min(want, self.split - self._in_part)
+
+    def _advance(self, n: int) -> None:
+        self._in_part += n
+        self._pos += n
+
     def write(self, data) -> int:
         view = memoryview(data)
         total = len(view)
         while view:
-            if self._f is None or (self.split is not None and self._in_part >= self.split):
-                self._next_part()
-            room = len(view) if self.split is None else min(len(view), self.split - self._in_part)
-            self._f.write(view[:room])
-            self._in_part += room
-            self._pos += room
-            view = view[room:]
+            room = self._room(len(view))
+            n = self._f.write(view[:room])
+            self._advance(n)
+            view = view[n:]
         return total
+
+    def copy_from(self, src_fd: int, size: int) -> None:
+        """Append the first `size` bytes of the open file `src_fd`, copied by the kernel
+        (copy_file_range, else sendfile, else read/write) without passing through Python."""
+        off = 0
+        while off < size:
+            room = self._room(size - off)
+            n = self._copy(src_fd, off, room)
+            if n == 0:
+                raise WorkDirError(f"a work-dir file ended after {off} of {size} bytes; run again")
+            self._advance(n)
+            off += n
+
+    def _copy(self, src_fd: int, off: int, count: int) -> int:
+        dst = self._f.fileno()
+        count = min(count, 1 << 30)
+        while True:
+            mode = self._copy_modes[0]
+            try:
+                if mode == "copy_file_range":
+                    return os.copy_file_range(src_fd, dst, count, off)
+                if mode == "sendfile":
+                    return os.sendfile(dst, src_fd, off, count)
+                data = os.pread(src_fd, min(count, CHUNK), off)
+                return self._f.write(data) if data else 0
+            except OSError as exc:
+                if mode == "pread" or exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._copy_modes = self._copy_modes[1:]  # not on this file system / kernel: the next way
 
     def tell(self) -> int:
         return self._pos
@@ -639,19 +676,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingFile:
-    """Read side of a blob being added to the tar: hashes what tarfile copies."""
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.EBADF}
 
-    def __init__(self, f):
-        self._f = f
-        self.hash = hashlib.sha256()
-        self.read_bytes = 0
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.hash.update(data)
-        self.read_bytes += len(data)
-        return data
+def _file_digest(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    off = 0
+    while off < size:
+        data = os.pread(fd, min(CHUNK, size - off), off)
+        if not data:
+            break
+        h.update(data)
+        off += len(data)
+    return "sha256:" + h.hexdigest()
+
+
+def _tar_header(writer: _PartWriter, ti: tarfile.TarInfo) -> None:
+    writer.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+
+def _tar_pad(writer: _PartWriter, size: int) -> None:
+    if size % tarfile.BLOCKSIZE:
+        writer.write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+
+def _tar_end(writer: _PartWriter) -> None:
+    """Two zero blocks, then zeros up to a whole record (as tar and Python's tarfile end a file)."""
+    writer.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+    if writer.tell() % tarfile.RECORDSIZE:
+        writer.write(tarfile.NUL * (tarfile.RECORDSIZE - writer.tell() % tarfile.RECORDSIZE))
 
 
 def _tarinfo(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
@@ -698,38 +751,44 @@ def write_archive(layout: LayoutDir, content: ArchiveContent, output: Path, *, s
                   delta_doc: dict | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
     """Write the tar (or its parts) under temporary names, fsync, then rename into place.
 
-    Every blob is hashed again as it is copied from the layout: what the tar holds was checked."""
+    A blob file this run wrote itself was checked as it arrived; any other (left by an earlier
+    run) is hashed again first: what the tar holds was checked.  Blob bytes are copied by the
+    kernel (the work dir is beside the output, on the same file system)."""
     writer = _PartWriter(output, split)
     try:
-        tf = tarfile.TarFile(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK)
         small = [(LAYOUT_FILE, dumps_json({"imageLayoutVersion": LAYOUT_VERSION})),
                  (INDEX_FILE, dumps_json(content.index))]
         if delta_doc is not None:
             small.append((DELTA_FILE, dumps_json(delta_doc)))
         for name, data in small:
-            tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-        tf.addfile(_tarinfo("blobs", directory=True))
-        tf.addfile(_tarinfo("blobs/sha256", directory=True))
+            _tar_header(writer, _tarinfo(name, len(data)))
+            writer.write(data)
+            _tar_pad(writer, len(data))
+        _tar_header(writer, _tarinfo("blobs", directory=True))
+        _tar_header(writer, _tarinfo("blobs/sha256", directory=True))
         for digest in sorted(content.blobs):
             desc = content.blobs[digest]
             path = layout.blob_path(digest)
             try:
-                f = open(path, "rb")
+                fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
                 raise WorkDirError(f"blob {digest} is missing from the work dir {layout.path} "
                                    f"({exc.strerror or exc}); run again") from None
-            with f:
-                size = os.fstat(f.fileno()).st_size
+            try:
+                size = os.fstat(fd).st_size
                 if size != desc.size:
                     raise WorkDirError(f"blob {digest} in the work dir has {size} bytes, expected {desc.size}; run again")
-                hf = _HashingFile(f)
-                tf.addfile(_tarinfo(blob_member(digest), size), hf)
-            if "sha256:" + hf.hash.hexdigest() != digest:
-                path.unlink(missing_ok=True)
-                raise WorkDirError(f"blob {digest} in the work dir {layout.path} is corrupt (removed); run again")
+                if not layout.checked_here(digest) and _file_digest(fd, size) != digest:
+                    path.unlink(missing_ok=True)
+                    raise WorkDirError(f"blob {digest} in the work dir {layout.path} is corrupt (removed); run again")
+                _tar_header(writer, _tarinfo(blob_member(digest), size))
+                writer.copy_from(fd, size)
+                _tar_pad(writer, size)
+            finally:
+                os.close(fd)
             if progress:
                 progress(size)
-        tf.close()
+        _tar_end(writer)
         return writer.commit()
     except OSError as exc:
         writer.abort()
