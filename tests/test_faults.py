@@ -68,11 +68,12 @@ GAMMA_DELTA = r"^/v2/(rancher/gamma|library/delta)/"
 
 
 def src_transient() -> Plan:
-    """Source side: manifests 502/429/503; the first GET of each blob (gamma's aside: its 5 MB layer
-    meets its RST at the target, inside the PATCH) reset after 1000 bytes; alpha's second GETs
-    truncated (FIN while Content-Length promised more)."""
+    """Source side: manifests 502/429/503 (a cold copy GETs a tag at once, a rerun HEADs it first);
+    the first GET of each blob (gamma's aside: its 5 MB layer meets its RST at the target, inside
+    the PATCH) reset after 1000 bytes; alpha's second GETs truncated (FIN while Content-Length
+    promised more)."""
     return Plan([
-        Fault("status", status=502, method="HEAD", target="manifest", match=BETA_GAMMA),  # 1st HEAD of a tag
+        Fault("status", status=502, method=("GET", "HEAD"), target="manifest", match=BETA_GAMMA),  # 1st ask for a tag
         Fault("status", status=429, headers={"Retry-After": "1"}, method="GET", target="manifest", per="repo",
               match=ALPHA_DELTA),  # 1st manifest GET
         Fault("status", status=503, method=("GET", "HEAD"), target="manifest", every=5, per="all"),

@@ -105,8 +105,13 @@ def test_second_run_uploads_nothing(seeded, registry_factory, tmp_path):
     dst = registry_factory(name="dst")
     lst = write_list(tmp_path / "images.txt", list(images))
     args = ("mirror", "--images", str(lst), "--to", dst.url, "--source-endpoint", f"docker.io={src.url}", "--json")
+    src_before = len(src.access_log())
     assert run_cli(*args).returncode == 0
-    before = len(dst.access_log())
+    cold_src = src.access_log()[src_before:]
+    # a cold copy GETs each tag's manifest at once: no HEAD at the source first
+    assert not [l for l in cold_src if '"HEAD ' in l and "/manifests/" in l], cold_src
+    assert len([l for l in cold_src if '"GET ' in l and "/manifests/" in l and "sha256" not in l]) == 4
+    before, src_before = len(dst.access_log()), len(src.access_log())
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     rep = report(proc)
@@ -115,6 +120,10 @@ def test_second_run_uploads_nothing(seeded, registry_factory, tmp_path):
     writes = [l for l in new if '"PUT ' in l or '"POST ' in l or '"PATCH ' in l]
     assert writes == []
     assert all('"HEAD ' in l or '"GET /v2/ ' in l or '"GET /api/v2.0/' in l for l in new), new
+    # the rerun asks the source with a HEAD per tag, never a GET (Docker Hub counts GETs as pulls)
+    noop_src = src.access_log()[src_before:]
+    assert len([l for l in noop_src if '"HEAD ' in l and "/manifests/" in l]) == 4
+    assert not [l for l in noop_src if '"GET ' in l and "/manifests/" in l], noop_src
 
 
 def test_shared_base_layer_is_uploaded_once_then_mounted(seeded, registry_factory, tmp_path):

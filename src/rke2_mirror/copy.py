@@ -235,28 +235,40 @@ class CopyEngine:
         dst_ep, dst_repo = self.target.locate(task.target)
         ref = task.source.reference
         dst_ref = task.target.tag or task.target.digest or ref
-        src_head = src_ep.head_manifest(src_repo, ref)
-        if src_head is None:
-            raise NotFound(f"not found at the source ({src_ep.location(src_repo, ref)})")
-        if src_head.digest and not self.opt.platforms:
-            res.source_digest = res.digest = src_head.digest
-            if self._target_has(dst_ep, dst_repo, dst_ref, src_head.digest):
-                res.status = "skipped"
-                return
-        if self.opt.dry_run and self.opt.dry_run_heads_only:
+        heads_only = self.opt.dry_run and self.opt.dry_run_heads_only
+        # The target first: when it lacks the tag (a cold copy) the source manifest is fetched at
+        # once, without a HEAD before it.  When it has the tag (a rerun), a HEAD at the source says
+        # whether it is current without a GET (Docker Hub counts manifest GETs as pulls).
+        dst_head = None if self.opt.platforms else dst_ep.head_manifest(dst_repo, dst_ref)
+        if dst_head is not None or heads_only:
+            src_head = src_ep.head_manifest(src_repo, ref)
+            if src_head is None:
+                raise NotFound(f"not found at the source ({src_ep.location(src_repo, ref)})")
+            if src_head.digest and not self.opt.platforms:
+                res.source_digest = res.digest = src_head.digest
+                if dst_head is not None and dst_head.digest == src_head.digest:
+                    res.status = "skipped"
+                    return
+        if heads_only:
             res.status, res.note = "would-copy", "size not fetched"
             return
-        desc, raw = src_ep.get_manifest(src_repo, src_head.digest or ref)
-        manifest = parse_manifest(desc.media_type or src_head.media_type, raw)
+        try:
+            desc, raw = src_ep.get_manifest(src_repo, res.source_digest or ref)
+        except NotFound:
+            raise NotFound(f"not found at the source ({src_ep.location(src_repo, ref)})") from None
+        manifest = parse_manifest(desc.media_type or None, raw)
         res.source_digest = manifest.descriptor.digest
         if self.opt.platforms:
             manifest = self._select_platforms(src_ep, src_repo, manifest)
             if manifest.descriptor.digest != res.source_digest:
                 res.note = (f"platforms {', '.join(map(str, self.opt.platforms))} only: "
                             f"top-level digest changed from {res.source_digest}")
-        already_compared = res.digest == manifest.descriptor.digest  # by the HEAD above
         res.digest = manifest.descriptor.digest
-        if not already_compared and self._target_has(dst_ep, dst_repo, dst_ref, res.digest):
+        if self.opt.platforms:
+            present = self._target_has(dst_ep, dst_repo, dst_ref, res.digest)
+        else:  # the target's answer from above (a source HEAD without a digest ends up here)
+            present = dst_head is not None and dst_head.digest == res.digest
+        if present:
             res.status = "skipped"
             return
         if self.opt.dry_run:
