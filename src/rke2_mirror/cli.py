@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from tqdm import tqdm
 
 from . import jobs
 from .copy import CopyOptions, ImageResult, Progress, Report
@@ -55,11 +54,13 @@ class CliProgress(Progress):
     def __init__(self, verb: str = "copy", enabled: bool = True):
         self.tty = enabled and sys.stderr.isatty()
         self.verb = verb
-        self.images: tqdm | None = None
-        self.bytes: tqdm | None = None
+        self.images = None  # tqdm bars, on a terminal
+        self.bytes = None
 
     def start(self, total_images: int) -> None:
         if self.tty:
+            from tqdm import tqdm  # only a terminal shows bars: a script's run doesn't import it
+
             self.images = tqdm(total=total_images, unit="img", desc="images", position=0, file=sys.stderr)
             self.bytes = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="bytes", position=1,
                               file=sys.stderr, bar_format="{desc}: {n_fmt} {rate_fmt}")

@@ -13,14 +13,13 @@ import typer
 from .auth import ENV_PASSWORD, ENV_USERNAME, Credentials
 from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ReleaseOpt,
                            ReleaseOptions, ReleaseUrlOpt, load_releases, read_image_file)
-from .cli_util import PROG, run_command, stderr_log
+from .cli_util import PROG, LazyModule, run_command, stderr_log
 from .errors import InputError
-from .nodecheck import ImageCheck, VerifyReport, check_images
 from .oci import Platform
 from .reference import ImageRef, RegistryURL, merge_refs
-from .rke2config import (NodeConfig, default_endpoint_disabled, Registries, RKE2Version, build_registries, dump_registries, load_yaml_mapping,
-                         registries_have_auth, set_system_default_registry, system_default_registry_of,
-                         version_from_images)
+
+rke2config = LazyModule("rke2_mirror.rke2config")  # imported when a command of this module runs
+nodecheck = LazyModule("rke2_mirror.nodecheck")
 
 ENV_IDENTITY_TOKEN = "RKE2_MIRROR_IDENTITY_TOKEN"
 
@@ -75,31 +74,32 @@ def existing_mode(path: Path, default: int) -> int:
 
 
 def gather(images: Sequence[Path] | None, releases: Sequence[str] | None, options: ReleaseOptions,
-           required: bool) -> tuple[list[ImageRef], list[RKE2Version]]:
+           required: bool) -> tuple[list[ImageRef], list[rke2config.RKE2Version]]:
     """Images of --images and --release, and the RKE2 versions the releases resolved to."""
     images, releases = list(images or []), list(releases or [])
     if required and not images and not releases:
         raise InputError("no images given: use --images FILE and/or --release RELEASE")
     lists = [read_image_file(p) for p in images]
-    versions: list[RKE2Version] = []
+    versions: list[rke2config.RKE2Version] = []
     if releases:
         for r in load_releases(releases, options, log=stderr_log):
             lists.append(list(r.images))
-            v = RKE2Version.try_parse(r.version)
+            v = rke2config.RKE2Version.try_parse(r.version)
             if v:
                 versions.append(v)
     return merge_refs(*lists), versions
 
 
-def pick_version(explicit: str | None, from_releases: list[RKE2Version], images: list[ImageRef]) -> RKE2Version | None:
+def pick_version(explicit: str | None, from_releases: list[rke2config.RKE2Version],
+                 images: list[ImageRef]) -> rke2config.RKE2Version | None:
     if explicit:
-        return RKE2Version.parse(explicit)
+        return rke2config.RKE2Version.parse(explicit)
     if from_releases:
         if len(set(from_releases)) > 1:
             warn(f"several RKE2 versions ({', '.join(map(str, sorted(set(from_releases))))}): "
                  f"modelling the oldest, {min(from_releases)}")
         return min(from_releases)
-    return version_from_images(images)
+    return rke2config.version_from_images(images)
 
 
 def credentials_from_env() -> Credentials:
@@ -148,18 +148,18 @@ def registries_yaml_command(
     refs, versions = gather(images, release, opts, required=False)
     version = pick_version(rke2_version, versions, refs)
     auth = credentials_from_env() if with_auth else None
-    existing = load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output)) if merge and output else None
-    cfg = NodeConfig.for_images(target, refs, node_ca_file=node_ca_file, insecure_skip_verify=insecure_skip_verify,
-                                auth=auth, system_default_registry=system_default_registry, rke2_version=version)
-    doc, warnings = build_registries(cfg, existing)
-    text = dump_registries(doc, cfg)
+    existing = rke2config.load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output)) if merge and output else None
+    cfg = rke2config.NodeConfig.for_images(target, refs, node_ca_file=node_ca_file,
+                                           insecure_skip_verify=insecure_skip_verify, auth=auth, system_default_registry=system_default_registry, rke2_version=version)
+    doc, warnings = rke2config.build_registries(cfg, existing)
+    text = rke2config.dump_registries(doc, cfg)
     if version is None and system_default_registry:
         warnings.append("RKE2 version unknown (give --release or --rke2-version): written for every supported release")
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        secret = registries_have_auth(doc)
+        secret = rke2config.registries_have_auth(doc)
         mode = 0o600 if secret else existing_mode(output, 0o644)
         write_atomic(output, text, mode)
         typer.echo(f"{PROG}: wrote {output}" + (" (mode 0600: it holds credentials)" if secret else ""), err=True)
@@ -171,7 +171,7 @@ def registries_yaml_command(
 
 def update_config_yaml(path: Path, host: str | None) -> None:
     old = read_text(path, "config.yaml", missing_ok=True)
-    new = set_system_default_registry(old, host, str(path))
+    new = rke2config.set_system_default_registry(old, host, str(path))
     if new != old:
         write_atomic(path, new, existing_mode(path, 0o600))
     what = f"system-default-registry: {host}" if host else "no system-default-registry"
@@ -207,23 +207,23 @@ def verify_command(
     opts = ReleaseOptions.from_cli("rke2", arch, flavor, release_url, channel_url, lists_dir, offline)
     refs, versions = gather(images, release, opts, required=True)
     version = pick_version(rke2_version, versions, refs)
-    regs = Registries.parse(read_text(registries_yaml, "registries.yaml"), str(registries_yaml))
+    regs = rke2config.Registries.parse(read_text(registries_yaml, "registries.yaml"), str(registries_yaml))
     conf_text = read_text(config_yaml, "config.yaml") if config_yaml else ""
-    sdr = system_default_registry_of(conf_text, str(config_yaml))
-    no_default = default_endpoint_disabled(conf_text, str(config_yaml))
+    sdr = rke2config.system_default_registry_of(conf_text, str(config_yaml))
+    no_default = rke2config.default_endpoint_disabled(conf_text, str(config_yaml))
     platform = Platform("linux", (opts.arches or ("amd64",))[0])
     if len(opts.arches) > 1:
         warn(f"checking the {platform} manifests only (one node architecture at a time)")
     node_path = (lambda p: str(node_root / p.lstrip("/"))) if node_root else str
     progress = _Progress(len(refs))
     try:
-        report = check_images(refs, regs, system_default_registry=sdr, rke2_version=version, platform=platform,
+        report = nodecheck.check_images(refs, regs, system_default_registry=sdr, rke2_version=version, platform=platform,
                               jobs=jobs_n, progress=progress.update, node_path=node_path,
                               check_upstream=check_upstream, disable_default_endpoint=no_default)
     finally:
         progress.close()
     if version is None:
-        report = VerifyReport(report.images, report.system_default_registry, None, report.platform,
+        report = nodecheck.VerifyReport(report.images, report.system_default_registry, None, report.platform,
                               ("RKE2 version unknown (give --release or --rke2-version): modelled as the current releases",))
     if as_json:
         import json
@@ -246,7 +246,7 @@ class _Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, unit="img", desc="verify", file=sys.stderr, leave=False)
 
-    def update(self, _: ImageCheck) -> None:
+    def update(self, _: nodecheck.ImageCheck) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
@@ -255,7 +255,7 @@ class _Progress:
             self.bar.close()
 
 
-def render_table(report: VerifyReport) -> str:
+def render_table(report: nodecheck.VerifyReport) -> str:
     """STATUS  IMAGE (as the node names it)  WHERE / WHY, then fixes and notes."""
     rows = []
     for c in report.images:
