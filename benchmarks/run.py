@@ -24,7 +24,6 @@ import resource
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -805,17 +804,26 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
         with part('save / load'):
             if rke2_available("save") and rke2_available("load"):
                 tar = work / "tmp" / "set.tar"
-                clear = lab.registry("rke2-load")
-                save, _ = runner.run("rke2-save", [*RKE2, "save", "--images", str(images_txt), "--output", str(tar),
-                                                   "--source-endpoint", src_ep, "--jobs", str(a.jobs), "--json"], env=env, watch=watching(src))
-                size = tar.stat().st_size if tar.exists() else 0
-                load, _ = runner.run("rke2-load", [*RKE2, "load", str(tar), "--to", clear.url, "--jobs", str(a.jobs),
-                                                    "--json"], env=env,
-                                     watch=watching(dst=clear))
-                check("rke2-mirror load", clear.url, load)
-                archive_rows.append(("rke2-mirror save / load", save, load, size, "one archive"))
-                tar.unlink(missing_ok=True)
-                lab.drop(clear)
+                saves: list[Measure] = []
+                loads: list[Measure] = []
+                size = 0
+                for _ in range(repeat):  # best of `repeat`, as for the cold mirror runs it is compared with
+                    clear = lab.registry("rke2-load")
+                    save, _ = runner.run("rke2-save", [*RKE2, "save", "--images", str(images_txt), "--output", str(tar),
+                                                       "--source-endpoint", src_ep, "--jobs", str(a.jobs), "--json"],
+                                         env=env, watch=watching(src))
+                    size = tar.stat().st_size if tar.exists() else 0
+                    load, _ = runner.run("rke2-load", [*RKE2, "load", str(tar), "--to", clear.url, "--jobs", str(a.jobs),
+                                                        "--json"], env=env,
+                                         watch=watching(dst=clear))
+                    check("rke2-mirror load", clear.url, load)
+                    saves.append(save)
+                    loads.append(load)
+                    tar.unlink(missing_ok=True)
+                    lab.drop(clear)
+                runs = ", ".join(f"{s.wall:.2f} + {l.wall:.2f}" for s, l in zip(saves, loads))
+                archive_rows.append(("rke2-mirror save / load", Row._best(saves), Row._best(loads), size,
+                                     f"one archive; best of {len(saves)} (save + load runs s: {runs})"))
             else:
                 archive_rows.append(("rke2-mirror save / load", None, None, 0,
                                      "not measured: `rke2-mirror save --help` / `load --help` do not exist yet"))
@@ -951,6 +959,11 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
                        f"{ratio(tls_row.best_cold, ours_c)} | – | – |")
     if ceiling.best_noop and ours_n:
         targets.append(f"| (info) no-op: rke2-mirror ÷ ceiling | {ratio(ours_n, ceiling.best_noop)} | – | – |")
+    ours_archive = next((r for r in archive_rows if r[0].startswith("rke2-mirror") and r[1] and r[2]), None)
+    if ours_archive and ours_c:
+        both = ours_archive[1].wall + ours_archive[2].wall
+        targets.append(f"| save + load ÷ rke2-mirror mirror (cold; issue #4) | {both:.2f} s ÷ {ours_c.wall:.2f} s = "
+                       f"{both / ours_c.wall:.2f}× | ≤ 1.5× | {'met' if both <= 1.5 * ours_c.wall else '**NOT met**'} |")
     rss_all = [(m.rss_kb, "set") for m in ours.cold + ours.noop] + [(m.rss_kb, "big") for nme, m in big_rows
                                                                       if nme.startswith("rke2")]
     if token_row and token_row.best_cold:
@@ -1011,7 +1024,7 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
     md += ["## HTTP requests (from the registries' access logs, best cold run and the no-op run)", "",
            requests_table(rows), ""]
     if ceiling_detail:
-        md += [f"Ceiling phases (last run, seconds inside the client): "
+        md += ["Ceiling phases (last run, seconds inside the client): "
                + ", ".join(f"{k} {v:.2f}" for k, v in ceiling_detail.get("phases", {}).items())
                + f"; {ceiling_detail.get('blobs')} uploads, {ceiling_detail.get('mounts')} mounts, "
                f"{ceiling_detail.get('manifests')} manifests.", ""]
