@@ -50,7 +50,9 @@ def _apply(patches: set[str]) -> list[str]:
         def _transfer(self, src_ep, src_repo, dst_ep, dst_repo, desc, *args, **kwargs):
             def once():
                 with src_ep.open_blob(src_repo, desc) as chunks:
-                    dst_ep.push_blob(dst_repo, desc, self._counted(chunks))
+                    counted = (cp._Counted(chunks, self.progress.bytes_copied) if hasattr(cp, "_Counted")
+                               else self._counted(chunks))
+                    dst_ep.push_blob(dst_repo, desc, counted)
                 return desc.size
             return self.opt.retry.call(once)
         cp.CopyEngine._head_or_transfer = _transfer

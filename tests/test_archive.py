@@ -175,6 +175,39 @@ def test_resolve_parts(tmp_path):
         resolve_parts(tmp_path / "nothing.tar")
 
 
+def test_layout_hashes_a_blob_once_and_still_refuses_a_wrong_one(tmp_path, monkeypatch):
+    """A blob read through a DigestingReader for that digest (also behind the engine's progress
+    counter) is not hashed a second time by the layout, and wrong content is still never committed."""
+    import hashlib as real_hashlib
+    import types
+
+    from rke2_mirror import layout as layout_mod
+    from rke2_mirror.copy import _Counted
+    from rke2_mirror.errors import DigestMismatch
+    from rke2_mirror.oci import Descriptor, DigestingReader
+
+    calls = []
+    monkeypatch.setattr(layout_mod, "hashlib", types.SimpleNamespace(
+        sha256=lambda *a: calls.append(1) or real_hashlib.sha256(*a)))
+    layout = LayoutDir(tmp_path / "l")
+    good = b"right content"
+    desc = Descriptor("application/octet-stream", sha256_digest(good), len(good))
+    layout.push_blob("docker.io/x/y", desc, _Counted(DigestingReader([good[:5], good[5:]], desc), lambda n: None))
+    assert calls == [] and layout.blob_path(desc.digest).read_bytes() == good
+
+    wrong = b"wrong content"  # same length, other bytes
+    desc2 = Descriptor("application/octet-stream", sha256_digest(b"other content"), len(wrong))
+    for chunks in (DigestingReader([wrong], desc2), _Counted(DigestingReader([wrong], desc2), lambda n: None)):
+        with pytest.raises(DigestMismatch):
+            layout.push_blob("docker.io/x/y", desc2, chunks)
+    assert calls == []
+    with pytest.raises(DigestMismatch):  # plain chunks: the layout hashes them itself
+        layout.push_blob("docker.io/x/y", desc2, [wrong])
+    assert calls == [1]
+    assert not layout.blob_path(desc2.digest).exists()
+    assert [p.name for p in layout.blob_dir.iterdir()] == [desc.digest.split(":")[1]]
+
+
 def test_layout_dir_writes_atomically_and_names_tags(tmp_path):
     from rke2_mirror.oci import Descriptor
 

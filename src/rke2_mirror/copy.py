@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import MirrorError, NotFound
-from .oci import Descriptor, Manifest, Platform, filter_index, parse_manifest
+from .oci import Descriptor, Manifest, Platform, checked_descriptor, filter_index, parse_manifest
 from .reference import ImageRef
 from .registry import RetryPolicy
 
@@ -410,12 +410,21 @@ class CopyEngine:
 
         def once() -> int:
             with src_ep.open_blob(src_repo, desc) as chunks:
-                dst_ep.push_blob(dst_repo, desc, self._counted(chunks))
+                dst_ep.push_blob(dst_repo, desc, _Counted(chunks, self.progress.bytes_copied))
             return desc.size
         return self.opt.retry.call(once)
 
-    def _counted(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        report = self.progress.bytes_copied
-        for c in chunks:
-            report(len(c))
+
+class _Counted:
+    """Passes a blob's chunks on, reporting each one's size; says what the reader inside checks
+    (oci.checked_descriptor), so a destination need not hash again what is checked already."""
+
+    def __init__(self, chunks: Iterable[bytes], report: Callable[[int], None]):
+        self._chunks = chunks
+        self._report = report
+        self.checks = checked_descriptor(chunks)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for c in self._chunks:
+            self._report(len(c))
             yield c

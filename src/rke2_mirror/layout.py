@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DigestMismatch, InputError, MirrorError, NotFound, UnsupportedManifest
-from .oci import OCI_INDEX, Descriptor, DigestingReader, parse_manifest, sha256_digest
+from .oci import OCI_INDEX, Descriptor, DigestingReader, checked_descriptor, parse_manifest, sha256_digest
 from .reference import ImageRef
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -445,10 +445,11 @@ class LayoutDir:
         if self._has_blob(desc):
             return
         tmp = self._temp_name(desc.digest.split(":", 1)[1])
-        # A DigestingReader for this very blob checks size and digest itself, and raises before its
-        # last chunk is taken as the end: hashing here again would only cost CPU.
-        checked_upstream = (isinstance(chunks, DigestingReader) and chunks.expected.digest == desc.digest
-                            and chunks.expected.size == desc.size)
+        # A DigestingReader for this very blob (also behind the engine's progress counter) checks
+        # size and digest itself and raises before its last chunk is taken as the end: hashing
+        # here again would only cost CPU.
+        checked = checked_descriptor(chunks)
+        checked_upstream = checked is not None and checked.digest == desc.digest and checked.size == desc.size
         h = None if checked_upstream else hashlib.sha256()
         n = 0
         try:

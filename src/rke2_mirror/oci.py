@@ -175,6 +175,13 @@ def filter_index(manifest: Manifest, platforms: Iterable[Platform]) -> Manifest:
     return parse_manifest(manifest.media_type, raw)
 
 
+def checked_descriptor(chunks: object) -> Descriptor | None:
+    """The descriptor whose size and digest `chunks` checks as it is read (a DigestingReader, or
+    a wrapper that passes one on and says so with a `checks` attribute); None when nothing does."""
+    checks = getattr(chunks, "checks", None)
+    return checks if isinstance(checks, Descriptor) else None
+
+
 class DigestingReader:
     """Wraps a chunk iterator: hashes while streaming, checks size and digest at the end.
 
@@ -191,6 +198,10 @@ class DigestingReader:
             raise UnsupportedManifest(f"unsupported digest algorithm {algo!r} for {expected.digest}")
         self._hash = hashlib.sha256()
         self.read = 0
+
+    @property
+    def checks(self) -> Descriptor:
+        return self.expected
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._chunks:
