@@ -421,3 +421,17 @@ def test_release_bump_refuses_a_list_that_fails_its_checksum(bump_repo, tmp_path
     assert f"release-bump: error: {CORE} of rke2 {NEW} does not match sha256sum-amd64.txt" in proc.stderr
     assert not (bump_repo / "lists" / "rke2" / NEW / CORE).exists()
     assert git(bump_repo, "diff", "--cached", "--name-only") == ""
+
+
+def test_cli_start_up_imports_only_what_mirror_needs():
+    """Start-up is most of a no-op run: the archive, node-check and progress-bar modules are
+    imported by the commands that use them, not by `import rke2_mirror.cli`."""
+    import sys
+
+    code = ("import sys, rke2_mirror.cli; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('rke2_mirror', 'tqdm', 'yaml')))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert {"rke2_mirror.cli", "rke2_mirror.copy", "rke2_mirror.registry"} <= loaded
+    lazy = {"rke2_mirror.archive", "rke2_mirror.dockerarchive", "rke2_mirror.layout", "rke2_mirror.nodecheck",
+            "rke2_mirror.rke2config", "rke2_mirror.sync", "tqdm"}
+    assert not lazy & loaded, sorted(lazy & loaded)

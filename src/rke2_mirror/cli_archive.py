@@ -23,7 +23,7 @@ LOAD_NAME_HELP = ("REPOSITORY[:TAG] for index.json entries that name no image or
                   "oci-archive:FILE or oci-archive:FILE:TAG), e.g. docker.io/rancher/x.")
 
 
-def resolve_since(value: str, release_options) -> archive.Since:
+def resolve_since(value: str, release_options) -> "archive.Since":  # a string: evaluating it would import archive now
     """`--since`: an earlier archive (or its parts), an image list file, or a release."""
     path = Path(value)
     if archive.looks_like_archive(path):
