@@ -385,7 +385,7 @@ def test_a_blob_left_by_an_earlier_run_is_hashed_again_before_it_goes_into_the_t
     assert code == 0, err
 
 
-@pytest.mark.parametrize("kernel_can", ["sendfile", "neither"])
+@pytest.mark.parametrize("kernel_can", ["sendfile", "neither", "macos"])
 def test_archive_bytes_are_the_same_without_copy_file_range(source, tmp_path, monkeypatch, kernel_can):
     import errno as _errno
 
@@ -398,6 +398,10 @@ def test_archive_bytes_are_the_same_without_copy_file_range(source, tmp_path, mo
     monkeypatch.setattr(archive_mod.os, "copy_file_range", refuse)
     if kernel_can == "neither":
         monkeypatch.setattr(archive_mod.os, "sendfile", lambda *a: (_ for _ in ()).throw(OSError(_errno.ENOSYS, "no")))
+    if kernel_can == "macos":  # no copy_file_range at all; sendfile only to a socket
+        monkeypatch.delattr(archive_mod.os, "copy_file_range")
+        monkeypatch.setattr(archive_mod.os, "sendfile",
+                            lambda *a: (_ for _ in ()).throw(OSError(_errno.ENOTSOCK, "Socket operation on non-socket")))
     out = tmp_path / "out.tar"
     code, _, err = save(source, out, "--split", "10K")
     assert code == 0, err

@@ -554,7 +554,9 @@ class _PartWriter:
         self._f = None
         self._in_part = 0
         self._pos = 0
-        self._copy_modes = ("copy_file_range", "sendfile", "pread")
+        # the ways to copy file -> file this platform has (macOS: no copy_file_range, and its
+        # sendfile wants a socket: ENOTSOCK, caught below), the portable one last
+        self._copy_modes = tuple(m for m in ("copy_file_range", "sendfile") if hasattr(os, m)) + ("pread",)
         if split is None:
             self._open(output)
 
@@ -676,7 +678,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.EBADF}
+# "this way of copying does not work here" (not "the disk is full"): try the next way
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EPERM,
+                   errno.EBADF, errno.ENOTSOCK}
 
 
 def _file_digest(fd: int, size: int) -> str:
