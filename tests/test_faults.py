@@ -513,11 +513,28 @@ def test_signature_lookup_failure_does_not_fail_the_copied_image(registry_factor
     assert res[f"docker.io/rancher/signed:{sig}"]["status"] == "failed"  # the signature is what failed
 
 
-# --------------------------------------------------------------------------- stalls (engine level)
+# --------------------------------------------------------------------------- stalls
+
+def test_cli_timeout_gives_up_on_a_stalled_read_and_retries(source, registry_factory, proxies, tmp_path):
+    """`--timeout 1`: a source blob GET that stalls for 12 s after its headers is abandoned after a
+    second and fetched again; the run ends long before the stall would have (60 s default: ≥ 12 s)."""
+    src, images = source
+    dst = registry_factory(name="dst")
+    sp = proxies(src.url, Plan([Fault("stall", target="blob", after_bytes=0, seconds=12, per="all", nth=(1,))]))
+    lst = write_list(tmp_path / "images.txt", [GOOD[0]])
+    t0 = time.monotonic()
+    proc = run_cli(*mirror_args(lst, dst.url, sp.url, "--timeout", "1", "--retries", "3"), timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert sp.snapshot()["stall"] == 1
+    assert elapsed < 10, elapsed
+    verify(dst.url, images, [GOOD[0]])
+    bad = run_cli(*mirror_args(lst, dst.url, sp.url, "--timeout", "0"), timeout=30)
+    assert bad.returncode == 2 and "--timeout" in bad.stderr
+
 
 def test_stalls_past_the_read_timeout_are_retried(source, registry_factory, proxies):
-    """The CLI's read timeout is 60 s and not configurable, so this runs the engine with timeout=1.5 s
-    against proxies that stall for 4 s: a source blob GET after 1000 bytes, a manifest GET after its
+    """Engine level, every kind of stall: timeout=1.5 s against proxies that stall for 4 s: a source blob GET after 1000 bytes, a manifest GET after its
     headers, a target manifest HEAD before any byte, and a final PUT the registry committed but whose
     answer is held back."""
     from rke2_mirror.copy import CopyEngine, CopyOptions, CopyTask

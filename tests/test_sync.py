@@ -194,6 +194,7 @@ releases:
     (GOOD + "copy:\n  jobs: many\n", "config.yaml:7: copy.jobs: expected an integer, got str 'many'"),
     (GOOD + "copy:\n  jobs: 0\n", "config.yaml:7: copy.jobs: 0 is out of range (1..64)"),
     (GOOD + "copy:\n  max_rps: -1\n", "config.yaml:7: copy.max_rps: -1.0 must be > 0"),
+    (GOOD + "copy:\n  timeout: 0.5\n", "config.yaml:7: copy.timeout: 0.5 is out of range (1..3600)"),
     (GOOD.replace("url: https://harbor.example.com", "url: https://harbor.example.com\n  insecure_skip_verify: yes please"),
      "config.yaml:4: target.insecure_skip_verify: expected true or false, got str 'yes please'"),
     (GOOD.replace("channels: [stable]", "channels: [1.30]"),

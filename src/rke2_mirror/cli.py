@@ -17,7 +17,7 @@ from .registry import RetryPolicy
 from .units import human as human_bytes
 from .reference import ImageRef, RegistryURL
 from .cli_options import (CaFileOpt, FailedListOpt, PublicProjectsOpt, InsecureOpt, JobsOpt, JsonOpt, MaxRpsOpt, PlatformOpt,
-                          PullFloorOpt, RetriesOpt, ShardOpt, SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt,
+                          PullFloorOpt, RetriesOpt, ShardOpt, TimeoutOpt, SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt,
                           apply_shard, source_options, target_tls)
 from .cli_util import error_line, run_command, stderr_log
 from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ProductChoice,
@@ -128,9 +128,10 @@ def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def copy_options(platform: list[str], jobs_n: int, signatures: bool = False, dry_run: bool = False,
-                 retries: int = 5) -> CopyOptions:
+                 retries: int = 5, timeout: float = 60.0) -> CopyOptions:
     return CopyOptions(platforms=parse_platforms(platform), signatures=signatures, jobs=jobs_n,
-                       blob_jobs=max(4, jobs_n * 2), dry_run=dry_run, retry=RetryPolicy(attempts=retries))
+                       blob_jobs=max(4, jobs_n * 2), dry_run=dry_run,
+                       retry=RetryPolicy(attempts=retries, timeout=timeout))
 
 
 def gather_images(images: list[Path] | None, releases: list[str] | None,
@@ -172,6 +173,7 @@ def mirror(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the source with manifest requests only; report what would be copied and what is missing.")] = False,
     jobs_n: JobsOpt = 4,
     retries: RetriesOpt = 5,
+    timeout: TimeoutOpt = 60.0,
     max_rps: MaxRpsOpt = None,
     pull_floor: PullFloorOpt = 0,
     shard: ShardOpt = None,
@@ -183,7 +185,7 @@ def mirror(
     refs = gather_images(images, release, ReleaseOptions.from_cli(product, arch, flavor, release_url, channel_url,
                                                                   lists_dir, offline))
     refs = apply_shard(refs, shard, stderr_log)
-    opts = copy_options(platform, jobs_n, signatures, dry_run, retries)
+    opts = copy_options(platform, jobs_n, signatures, dry_run, retries, timeout)
     progress = CliProgress()
     try:
         report = jobs.mirror(

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
     """Add `save`, `load` and `inspect` to `app`."""
     from . import cli  # noqa: PLC0415 - see the module docstring
     from .cli import CliProgress
-    from .cli_options import (CaFileOpt, FailedListOpt, PublicProjectsOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt,
+    from .cli_options import (CaFileOpt, FailedListOpt, PublicProjectsOpt, InsecureOpt, JobsOpt, JsonOpt, PlatformOpt, RetriesOpt, TimeoutOpt,
                               SourceEndpointOpt, SrcCaFileOpt, SrcInsecureOpt, ToOpt, source_options, target_tls)
     from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDirOpt, OfflineOpt, ProductChoice,
                                ProductOpt, ReleaseOpt, ReleaseOptions, ReleaseUrlOpt, release_http_client)
@@ -111,6 +111,7 @@ def register(app: typer.Typer) -> None:
         offline: OfflineOpt = False,
         jobs_n: JobsOpt = 4,
         retries: RetriesOpt = 5,
+        timeout: TimeoutOpt = 60.0,
         as_json: JsonOpt = False,
         failed_list: FailedListOpt = None,
     ) -> None:
@@ -119,7 +120,7 @@ def register(app: typer.Typer) -> None:
         refs = cli.gather_images(images, release, ropts)
         split_bytes = archive.parse_size(split) if split else None
         since_spec = resolve_since(since, ropts) if since else None
-        opts = cli.copy_options(platform, jobs_n, signatures, retries=retries)
+        opts = cli.copy_options(platform, jobs_n, signatures, retries=retries, timeout=timeout)
         progress = CliProgress("save")
         try:
             res = archive.save(
@@ -168,13 +169,14 @@ def register(app: typer.Typer) -> None:
         public_projects: PublicProjectsOpt = False,
         jobs_n: JobsOpt = 4,
         retries: RetriesOpt = 5,
+        timeout: TimeoutOpt = 60.0,
         as_json: JsonOpt = False,
         failed_list: FailedListOpt = None,
     ) -> None:
         """Push every image of an archive to TARGET under its mapped name, digests preserved (docker archives:
         manifests rebuilt, new digests)."""
         target = RegistryURL.parse(to, what="--to")
-        opts = cli.copy_options(platform, jobs_n, retries=retries)
+        opts = cli.copy_options(platform, jobs_n, retries=retries, timeout=timeout)
         tls = target_tls(ca_file, insecure_skip_verify)
         if release:
             ropts = ReleaseOptions.from_cli(product, arch, None, release_url, channel_url, lists_dir, offline)

@@ -20,6 +20,10 @@ SourceEndpointOpt = Annotated[list[str], typer.Option("--source-endpoint", help=
 PlatformOpt = Annotated[list[str], typer.Option("--platform", help="OS/ARCH[/VARIANT] to copy, e.g. linux/amd64 (repeatable; default: all platforms, digests preserved).")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images copied at once.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout at the end.")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=1, max=3600, metavar="SECONDS",
+    help="Seconds to wait for a registry's next bytes before the attempt counts as failed (and is retried); "
+         "raise it for a registry that takes long to commit big layers.")]
 RetriesOpt = Annotated[int, typer.Option("--retries", min=1, max=20, help="Attempts per operation on transient errors (connection errors, 408, 429, 5xx), with exponential backoff.")]
 MaxRpsOpt = Annotated[Optional[float], typer.Option("--max-rps", min=0.1, help="At most this many requests per second to each registry, all workers together (Harbor and others throttle).")]
 PullFloorOpt = Annotated[int, typer.Option("--pull-floor", min=0, help="Stop starting new images when a source's rate-limit headers (Docker Hub: ratelimit-remaining) say this many pulls are left; the rest is reported as deferred.")]

@@ -26,9 +26,14 @@ MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How a failing request is treated: `attempts` per operation on transient errors, with
+    exponential waits; `timeout` seconds to wait for a registry's next bytes (connecting: at most
+    15 s) before the attempt counts as failed."""
+
     attempts: int = 5
     initial_wait: float = 0.5
     max_wait: float = 30.0
+    timeout: float = 60.0
 
     def wait(self, attempt: int, exc: BaseException | None) -> float:
         retry_after = getattr(exc, "retry_after", None)
@@ -132,7 +137,7 @@ class Registry:
 
     def __init__(self, base_url: str, *, verify: bool | str = True, credentials: Credentials | None = None,
                  actions: str = "pull", jobs: int = 8, retry: RetryPolicy | None = None,
-                 timeout: float = 60.0, chunk_size: int = 64 * 1024 * 1024,
+                 timeout: float | None = None, chunk_size: int = 64 * 1024 * 1024,
                  monolithic_limit: int = 4 * 1024 * 1024, tls_flags: tuple[str, str] = ("--ca-file", "--insecure-skip-verify"),
                  transport: httpx.BaseTransport | None = None, limiter: "Callable[[], None] | None" = None,
                  on_response: "Callable[[httpx.Response], None] | None" = None):
@@ -140,6 +145,7 @@ class Registry:
         self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.host = parts.netloc
         self.retry = retry or RetryPolicy()
+        timeout = self.retry.timeout if timeout is None else timeout
         self.chunk_size = chunk_size
         self.monolithic_limit = monolithic_limit
         self.tls_flags = tls_flags

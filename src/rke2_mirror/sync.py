@@ -218,6 +218,7 @@ class ReleaseSpec:
 class CopySpec:
     jobs: int = _opt(4, check=_range(1, 64))
     retries: int = _opt(5, check=_range(1, 20))
+    timeout: float = _opt(60.0, check=_range(1, 3600))    # seconds to wait for a registry's next bytes
     platforms: tuple[str, ...] = _opt((), check=_check_platforms)
     signatures: bool = _opt(False)
     max_rps: float | None = _opt(check=_positive)       # requests/s per registry, all workers together
@@ -891,7 +892,7 @@ def copy_options(cfg: SyncConfig, dry_run: bool = False, jobs_override: int | No
     n = jobs_override or cfg.copy.jobs
     return CopyOptions(platforms=tuple(Platform.parse(p) for p in cfg.copy.platforms),
                        signatures=cfg.copy.signatures, jobs=n, blob_jobs=max(4, n * 2), dry_run=dry_run,
-                       retry=RetryPolicy(attempts=cfg.copy.retries))
+                       retry=RetryPolicy(attempts=cfg.copy.retries, timeout=cfg.copy.timeout))
 
 
 def check_outputs_writable(cfg: LoadedConfig, shard: tuple[int, int] | None = None) -> None:
