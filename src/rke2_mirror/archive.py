@@ -118,6 +118,11 @@ def looks_like_archive(path: Path) -> bool:
         return bool(_PART_RE.match(path.name)) or part_name(path, 1).is_file()
     if _PART_RE.match(path.name):
         return True
+    return is_plain_tar(path)
+
+
+def is_plain_tar(path: Path) -> bool:
+    """Does the file start with a tar header (ustar magic at 257)?  Compressed tars do not."""
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -1119,6 +1124,6 @@ def inspect(reader: ArchiveReader, *, check: bool = False,
 
 
 __all__ = ["ArchiveReader", "ArchiveContent", "DeltaInfo", "ImageGraph", "OutputError", "SaveResult", "Since",
-           "inspect", "load", "looks_like_archive", "parse_size", "plan_archive", "resolve_parts", "save",
+           "inspect", "is_plain_tar", "load", "looks_like_archive", "parse_size", "plan_archive", "resolve_parts", "save",
            "safe_member_name", "walk_image", "write_archive", "DELTA_FILE", "DELTA_SINCE", "REF_NAME",
            "CONTAINERD_NAME"]

@@ -112,15 +112,6 @@ def sniff(path: Path) -> str | None:
     return None
 
 
-def _is_plain_tar(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
-    return len(head) == 512 and head[257:262] == b"ustar"
-
-
 class _ZstdFrames:
     """Walks the frame structure of a zstd stream (RFC 8878) as its bytes go by, to tell a complete
     stream from a truncated one: libzstd's streaming reader just stops at the end of its input."""
@@ -1138,7 +1129,7 @@ def open_archive(path: str | os.PathLike, *, name: str | None = None, tmp_dir: s
     comp = sniff(p)
     if comp is not None:
         return DockerArchive(p, compression=comp, name=name, tmp_dir=tmp_dir, log=log)
-    if not _is_plain_tar(p) or _has_index(p):
+    if not archive.is_plain_tar(p) or _has_index(p):
         return ArchiveReader(p, name=name)
     return DockerArchive(p, compression=None, name=name, tmp_dir=tmp_dir, log=log)
 
