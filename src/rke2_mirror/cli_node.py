@@ -15,6 +15,7 @@ from .cli_releases import (ArchOpt, ChannelUrlOpt, FlavorOpt, ImagesOpt, ListsDi
                            ReleaseOptions, ReleaseUrlOpt, load_releases, read_image_file)
 from .cli_util import PROG, LazyModule, run_command, stderr_log
 from .errors import InputError
+from .files import existing_mode, write_atomic
 from .oci import Platform
 from .reference import ImageRef, RegistryURL, merge_refs
 
@@ -44,33 +45,6 @@ def read_text(path: Path, what: str, missing_ok: bool = False) -> str:
         raise InputError(f"{what} {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{what} {path}: cannot read ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
-
-
-def write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write via a temp file created with `mode` (never wider), then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond `mode`
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
-    except FileExistsError:
-        raise InputError(f"cannot write {path}: a stale temporary file {tmp} exists") from None
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def existing_mode(path: Path, default: int) -> int:
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        return default
 
 
 def gather(images: Sequence[Path] | None, releases: Sequence[str] | None, options: ReleaseOptions,
@@ -161,7 +135,7 @@ def registries_yaml_command(
     else:
         secret = rke2config.registries_have_auth(doc)
         mode = 0o600 if secret else existing_mode(output, 0o644)
-        write_atomic(output, text, mode)
+        write_atomic(output, text, mode, exclusive=True)
         typer.echo(f"{PROG}: wrote {output}" + (" (mode 0600: it holds credentials)" if secret else ""), err=True)
     if config_yaml is not None:
         update_config_yaml(config_yaml, target.host if system_default_registry else None)
@@ -173,7 +147,7 @@ def update_config_yaml(path: Path, host: str | None) -> None:
     old = read_text(path, "config.yaml", missing_ok=True)
     new = rke2config.set_system_default_registry(old, host, str(path))
     if new != old:
-        write_atomic(path, new, existing_mode(path, 0o600))
+        write_atomic(path, new, existing_mode(path, 0o600), exclusive=True)
     what = f"system-default-registry: {host}" if host else "no system-default-registry"
     typer.echo(f"{PROG}: {path}: {what}", err=True)
 

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import yaml
 
-from . import jobs
+from . import files, jobs
 from .auth import Credentials, credentials_from_file
 from .copy import CopyOptions, ImageResult, Progress, Report
 from .errors import InputError, MirrorError
@@ -695,31 +695,9 @@ class SyncResult:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Temp file in the same directory (never matching *.prom), fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _existing_mode(path: Path, default: int) -> int:
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        return default
+    """A sync output: directories made as needed, on disk before the rename; the temp file
+    (`.NAME.tmpPID`) never matches *.prom, so node-exporter never reads half a textfile."""
+    files.write_atomic(path, text, mode, parents=True, fsync=True)
 
 
 def _read(path: Path) -> str:
@@ -859,10 +837,10 @@ def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence
         doc, warnings = build_registries(node_cfg, existing)
         text = dump_registries(doc, node_cfg)
         secret = registries_have_auth(doc)
-        mode = 0o600 if secret else _existing_mode(path, 0o644)
+        mode = 0o600 if secret else files.existing_mode(path, 0o644)
         for w in warnings:
             log(f"registries.yaml: warning: {w}")
-        if text != old or _existing_mode(path, mode) != mode:
+        if text != old or files.existing_mode(path, mode) != mode:
             write_atomic(path, text, mode)
             changed.append(str(path))
             log(f"wrote {path}" + (" (mode 0600: it holds credentials)" if secret else ""))
@@ -871,7 +849,7 @@ def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence
         old = _read(path)
         new = set_system_default_registry(old, target.host if c.node.system_default_registry else None, str(path))
         if new != old:
-            write_atomic(path, new, _existing_mode(path, 0o600))
+            write_atomic(path, new, files.existing_mode(path, 0o600))
             changed.append(str(path))
             log(f"wrote {path} (system-default-registry: "
                 f"{target.host if c.node.system_default_registry else 'removed'})")
