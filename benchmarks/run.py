@@ -24,6 +24,7 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -800,19 +801,15 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
 
     # ---- save / load
     archive_rows: list[tuple[str, Measure | None, Measure | None, int, str]] = []
-    paired: list[Measure] = []  # a cold mirror run just before each save + load pair: same machine state
-    saves_loads_paired: list[tuple[Measure, Measure, Measure]] = []
+    pairs: list[tuple[Measure, Measure, Measure]] = []  # (save, load, the cold mirror run just before them)
     if "archive" not in skip:
         with part('save / load'):
             if rke2_available("save") and rke2_available("load"):
                 tar = work / "tmp" / "set.tar"
-                saves: list[Measure] = []
-                loads: list[Measure] = []
                 size = 0
                 for _ in range(repeat):  # best of `repeat`; each pair right after a cold mirror run of its own
                     paired_dst = lab.registry("rke2-mirror-paired")
-                    m, _ = rke2_mirror("rke2-mirror-paired", paired_dst, noop_too=False)
-                    paired.append(m)
+                    mirror_before, _ = rke2_mirror("rke2-mirror-paired", paired_dst, noop_too=False)
                     lab.drop(paired_dst)
                     clear = lab.registry("rke2-load")
                     save, _ = runner.run("rke2-save", [*RKE2, "save", "--images", str(images_txt), "--output", str(tar),
@@ -823,15 +820,13 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
                                                         "--json"], env=env,
                                          watch=watching(dst=clear))
                     check("rke2-mirror load", clear.url, load)
-                    saves.append(save)
-                    loads.append(load)
+                    pairs.append((save, load, mirror_before))
                     tar.unlink(missing_ok=True)
                     lab.drop(clear)
-                runs = ", ".join(f"{s.wall:.2f} + {l.wall:.2f} (mirror just before: {m.wall:.2f})"
-                                 for s, l, m in zip(saves, loads, paired))
-                saves_loads_paired.extend(zip(saves, loads, paired))
-                archive_rows.append(("rke2-mirror save / load", Row._best(saves), Row._best(loads), size,
-                                     f"one archive; best of {len(saves)} (save + load runs s: {runs})"))
+                runs = ", ".join(f"{s.wall:.2f} + {l.wall:.2f} (mirror just before: {m.wall:.2f})" for s, l, m in pairs)
+                archive_rows.append(("rke2-mirror save / load", Row._best([s for s, _, _ in pairs]),
+                                     Row._best([l for _, l, _ in pairs]), size,
+                                     f"one archive; best of {len(pairs)} (save + load runs s: {runs})"))
             else:
                 archive_rows.append(("rke2-mirror save / load", None, None, 0,
                                      "not measured: `rke2-mirror save --help` / `load --help` do not exist yet"))
@@ -968,11 +963,11 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
     if ceiling.best_noop and ours_n:
         targets.append(f"| (info) no-op: rke2-mirror ÷ ceiling | {ratio(ours_n, ceiling.best_noop)} | – | – |")
     ours_archive = next((r for r in archive_rows if r[0].startswith("rke2-mirror") and r[1] and r[2]), None)
-    if ours_archive and paired and saves_loads_paired:
+    if pairs:
         # Each save + load pair against the cold mirror run made just before it (the machine's speed
         # drifts over a run: comparing the best of runs minutes apart measures the drift); the median.
-        ratios = sorted((s.wall + l.wall) / m.wall for s, l, m in saves_loads_paired)
-        med = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+        ratios = sorted((s.wall + l.wall) / m.wall for s, l, m in pairs)
+        med = statistics.median(ratios)
         shown = ", ".join(f"{r:.2f}×" for r in ratios)
         targets.append(f"| save + load ÷ rke2-mirror mirror (cold, each pair next to its own mirror run; median; issue #4) | "
                        f"{med:.2f}× ({shown}) | ≤ 1.5× | {'met' if med <= 1.5 else '**NOT met**'} |")

@@ -46,13 +46,11 @@ def _apply(patches: set[str]) -> list[str]:
                 raise oci.DigestMismatch(f"{self.expected.digest}: got {self.read} bytes, expected {self.expected.size}")
         oci.DigestingReader.__iter__ = _iter
         applied.append("nohash")
-    if "nohead" in patches and hasattr(cp.CopyEngine, "_head_or_transfer"):
+    if "nohead" in patches and hasattr(cp.CopyEngine, "_head_or_transfer") and hasattr(cp, "_Counted"):
         def _transfer(self, src_ep, src_repo, dst_ep, dst_repo, desc, *args, **kwargs):
             def once():
                 with src_ep.open_blob(src_repo, desc) as chunks:
-                    counted = (cp._Counted(chunks, self.progress.bytes_copied) if hasattr(cp, "_Counted")
-                               else self._counted(chunks))
-                    dst_ep.push_blob(dst_repo, desc, counted)
+                    dst_ep.push_blob(dst_repo, desc, cp._Counted(chunks, self.progress.bytes_copied))
                 return desc.size
             return self.opt.retry.call(once)
         cp.CopyEngine._head_or_transfer = _transfer
