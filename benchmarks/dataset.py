@@ -13,7 +13,7 @@ Shape (for ``n`` images and ``mb`` MB of unique blobs):
 - half Docker v2 (manifest list), half OCI (index); every 10th image single-platform
   (linux/amd64), every 10th (offset 5) three platforms (+ linux/arm/v7), the rest amd64 + arm64.
 
-Pushed with `rke2_mirror.testing.images` (push_blob / push_manifest; shared layers are uploaded
+Pushed with `rke2_mirror_testkit.images` (push_blob / push_manifest; shared layers are uploaded
 once and mounted elsewhere) from several threads.
 """
 
@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rke2_mirror.testing.images import (
+from rke2_mirror_testkit.images import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
     DOCKER_LIST,

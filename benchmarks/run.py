@@ -41,10 +41,10 @@ sys.path.insert(0, str(HERE))
 
 import dataset  # noqa: E402  (benchmarks/dataset.py)
 
-from rke2_mirror.testing.images import ImagePusher  # noqa: E402
-from rke2_mirror.testing.pki import make_ca  # noqa: E402
-from rke2_mirror.testing.registry_proc import RunningRegistry, start_registry  # noqa: E402
-from rke2_mirror.testing.tokenserver import start_token_registry  # noqa: E402
+from rke2_mirror_testkit.images import ImagePusher  # noqa: E402
+from rke2_mirror_testkit.pki import make_ca  # noqa: E402
+from rke2_mirror_testkit.registry_proc import RunningRegistry, start_registry  # noqa: E402
+from rke2_mirror_testkit.tokenserver import start_token_registry  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 RKE2_MIRROR = str(VENV_BIN / "rke2-mirror") if (VENV_BIN / "rke2-mirror").exists() else shutil.which("rke2-mirror")
@@ -323,7 +323,7 @@ def verify(url: str, ds: dataset.DataSet, *, auth=None, verify_tls=True) -> tupl
 
 
 def dataset_accept() -> tuple[str, ...]:
-    from rke2_mirror.testing.images import ALL_MANIFEST_TYPES
+    from rke2_mirror_testkit.images import ALL_MANIFEST_TYPES
     return ALL_MANIFEST_TYPES
 
 

@@ -10,7 +10,7 @@ Patches (comma-separated in RKE2_MIRROR_WHATIF):
 - ``nohash``  blobs are not sha256-hashed by the client (sizes still checked).  Registry -> registry
   the target recomputes the digest on the final ``PUT ?digest=`` and refuses a mismatch anyway
   (distribution: 400 DIGEST_INVALID), so the client's hash is a second check of the same bytes.
-- ``nohead``  no ``HEAD`` of the target blob before each upload (copy.CopyEngine._head_or_transfer).
+- ``nohead``  no ``HEAD`` of the target blob before each upload (registry.Registry.reuse_blob).
   Not a drop-in change (a resumed run would upload again what is already there: correct, since the
   registry deduplicates by digest, but it costs bandwidth); it measures what the
   906 round trips cost on a cold run, i.e. what skipping them when they cannot succeed (e.g. the
@@ -19,7 +19,8 @@ Patches (comma-separated in RKE2_MIRROR_WHATIF):
   of reading blobs up to 4 MB into memory (b"".join) and sending bigger ones as 64 MB PATCHes.
 - ``pool``    twice the connections per registry client (registry.Registry: max_connections is 2×jobs
   while jobs image threads + 2×jobs blob threads share it, so threads queue in httpcore's pool).
-- ``noretry`` calls are not wrapped in tenacity (retries off: shows the wrapper's overhead only).
+- ``noretry`` the engine's blob-copy retry off (``engine.retry.RetryPolicy.call`` runs the call once; the
+  transport's per-request retries stay: they cost nothing until something fails).
 
 A patch whose target no longer exists in the engine is skipped with a note on stderr.
 """
@@ -31,9 +32,9 @@ import sys
 
 
 def _apply(patches: set[str]) -> list[str]:
-    from rke2_mirror import copy as cp
-    from rke2_mirror import oci
-    from rke2_mirror import registry as rg
+    import rke2_mirror.engine.retry as retry
+    import rke2_mirror.model.oci as oci
+    import rke2_mirror.endpoints.registry as rg
 
     applied: list[str] = []
     if "nohash" in patches and hasattr(oci, "DigestingReader"):
@@ -46,14 +47,10 @@ def _apply(patches: set[str]) -> list[str]:
                 raise oci.DigestMismatch(f"{self.expected.digest}: got {self.read} bytes, expected {self.expected.size}")
         oci.DigestingReader.__iter__ = _iter
         applied.append("nohash")
-    if "nohead" in patches and hasattr(cp.CopyEngine, "_head_or_transfer") and hasattr(cp, "_Counted"):
-        def _transfer(self, src_ep, src_repo, dst_ep, dst_repo, desc, *args, **kwargs):
-            def once():
-                with src_ep.open_blob(src_repo, desc) as chunks:
-                    dst_ep.push_blob(dst_repo, desc, cp._Counted(chunks, self.progress.bytes_copied))
-                return desc.size
-            return self.opt.retry.call(once)
-        cp.CopyEngine._head_or_transfer = _transfer
+    if "nohead" in patches and hasattr(rg.Registry, "reuse_blob") and hasattr(rg.Registry, "_mount"):
+        def reuse_blob(self, repo, desc, *, fresh, mount_from):
+            return bool(mount_from) and self._mount(repo, desc, mount_from)
+        rg.Registry.reuse_blob = reuse_blob
         applied.append("nohead")
     if "stream" in patches and hasattr(rg.Registry, "push_blob") and hasattr(rg, "_with_digest"):
         def push_blob(self, repo, desc, chunks):
@@ -71,8 +68,8 @@ def _apply(patches: set[str]) -> list[str]:
             orig_init(self, *args, jobs=jobs * 2, **kwargs)
         rg.Registry.__init__ = __init__
         applied.append("pool")
-    if "noretry" in patches and hasattr(rg, "RetryPolicy"):
-        rg.RetryPolicy.call = lambda self, fn: fn()
+    if "noretry" in patches and hasattr(retry, "RetryPolicy"):
+        retry.RetryPolicy.call = lambda self, fn, cancel=None: fn()
         applied.append("noretry")
     return applied
 
@@ -83,7 +80,7 @@ def main() -> None:
     missing = patches - set(applied)
     if missing:
         print(f"whatif: not applied (engine changed?): {', '.join(sorted(missing))}", file=sys.stderr)
-    from rke2_mirror.cli import main as cli_main
+    from rke2_mirror.cli.app import main as cli_main
     sys.argv[0] = "rke2-mirror"
     cli_main()
 

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from rke2_mirror.testing.pki import CA, make_ca
-from rke2_mirror.testing.registry_proc import REGISTRY_BINARY, RunningRegistry, start_registry
-from rke2_mirror.testing.tokenserver import (
+from rke2_mirror_testkit.pki import CA, make_ca
+from rke2_mirror_testkit.registry_proc import REGISTRY_BINARY, RunningRegistry, start_registry
+from rke2_mirror_testkit.tokenserver import (
     default_users,
     Harbor,
     TokenRegistry,

@@ -17,20 +17,21 @@ from typing import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from rke2_mirror import archive as archive_mod
-from rke2_mirror.archive import ArchiveReader, parse_size, resolve_parts, safe_member_name
-from rke2_mirror.errors import ArchiveError, InputError
-from rke2_mirror.layout import CONTAINERD_NAME, REF_NAME, LayoutDir, name_entries
-from rke2_mirror.testing.release_server import start_release_server
-from rke2_mirror.testing.registry_proc import REGISTRY_BINARY, start_registry
-from rke2_mirror.testing.images import (DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, ImagePusher, PushedImage, list_tags,
+import rke2_mirror.endpoints.tarfiles as archive_mod
+from rke2_mirror.endpoints.ociarchive import ArchiveReader
+from rke2_mirror.endpoints.tarfiles import parse_size, resolve_parts, safe_member_name
+from rke2_mirror.model.errors import ArchiveError, InputError
+from rke2_mirror.endpoints.layout import CONTAINERD_NAME, REF_NAME, LayoutDir, name_entries
+from rke2_mirror_testkit.release_server import start_release_server
+from rke2_mirror_testkit.registry_proc import REGISTRY_BINARY, start_registry
+from rke2_mirror_testkit.images import (DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, ImagePusher, PushedImage, list_tags,
                                         make_layer_blob, push_image, read_manifest, sha256_digest)
 
 SKOPEO = shutil.which("skopeo")
 
 
 def cli(*args) -> tuple[int, str, str]:
-    from rke2_mirror.cli import app
+    from rke2_mirror.cli.app import app
 
     r = CliRunner().invoke(app, [str(a) for a in args])
     if r.exception is not None and not isinstance(r.exception, SystemExit):
@@ -175,51 +176,49 @@ def test_resolve_parts(tmp_path):
         resolve_parts(tmp_path / "nothing.tar")
 
 
-def test_layout_hashes_a_blob_once_and_still_refuses_a_wrong_one(tmp_path, monkeypatch):
-    """A blob read through a DigestingReader for that digest (also behind the engine's progress
-    counter) is not hashed a second time by the layout, and wrong content is still never committed."""
+def test_layout_commits_a_blob_only_when_the_engine_checked_stream_ends(tmp_path, monkeypatch):
+    """The engine hashes every blob while it streams (engine.blobs.checked); the layout does not hash
+    again, and renames a blob into place only once the checked stream ended without an error."""
     import hashlib as real_hashlib
     import types
 
-    from rke2_mirror import layout as layout_mod
-    from rke2_mirror.copy import _Counted
-    from rke2_mirror.errors import DigestMismatch
-    from rke2_mirror.oci import Descriptor, DigestingReader
+    import rke2_mirror.endpoints.layout as layout_mod
+    from rke2_mirror.engine.blobs import checked
+    from rke2_mirror.model.errors import DigestMismatch
+    from rke2_mirror.model.oci import Descriptor
 
     calls = []
     monkeypatch.setattr(layout_mod, "hashlib", types.SimpleNamespace(
-        sha256=lambda *a: calls.append(1) or real_hashlib.sha256(*a)))
+        sha256=lambda *a: calls.append(1) or real_hashlib.sha256(*a)), raising=False)
     layout = LayoutDir(tmp_path / "l")
     good = b"right content"
     desc = Descriptor("application/octet-stream", sha256_digest(good), len(good))
-    layout.push_blob("docker.io/x/y", desc, _Counted(DigestingReader([good[:5], good[5:]], desc), lambda n: None))
+    layout.push_blob("docker.io/x/y", desc, checked([good[:5], good[5:]], desc, "blob"))
     assert calls == [] and layout.blob_path(desc.digest).read_bytes() == good
 
     wrong = b"wrong content"  # same length, other bytes
     desc2 = Descriptor("application/octet-stream", sha256_digest(b"other content"), len(wrong))
-    for chunks in (DigestingReader([wrong], desc2), _Counted(DigestingReader([wrong], desc2), lambda n: None)):
-        with pytest.raises(DigestMismatch):
-            layout.push_blob("docker.io/x/y", desc2, chunks)
+    with pytest.raises(DigestMismatch):
+        layout.push_blob("docker.io/x/y", desc2, checked([wrong[:3], wrong[3:]], desc2, "blob"))
     assert calls == []
-    with pytest.raises(DigestMismatch):  # plain chunks: the layout hashes them itself
-        layout.push_blob("docker.io/x/y", desc2, [wrong])
-    assert calls == [1]
     assert not layout.blob_path(desc2.digest).exists()
     assert [p.name for p in layout.blob_dir.iterdir()] == [desc.digest.split(":")[1]]
 
 
 def test_layout_dir_writes_atomically_and_names_tags(tmp_path):
-    from rke2_mirror.oci import Descriptor
+    from rke2_mirror.model.oci import Descriptor
 
     layout = LayoutDir(tmp_path / "l")
     data = b"hello blob"
     desc = Descriptor("application/octet-stream", sha256_digest(data), len(data))
+    from rke2_mirror.engine.blobs import checked
+
     with pytest.raises(Exception):
-        layout.push_blob("docker.io/x/y", desc, [b"hello blub"])  # wrong content: nothing committed
-    assert not layout.blob_exists("docker.io/x/y", desc)
+        layout.push_blob("docker.io/x/y", desc, checked([b"hello blub"], desc, "blob"))  # wrong: nothing committed
+    assert not layout.has_blob("docker.io/x/y", desc)
     assert [p.name for p in layout.blob_dir.iterdir()] == []
-    layout.push_blob("docker.io/x/y", desc, [b"hello ", b"blob"])
-    assert layout.blob_exists("docker.io/x/y", desc)
+    layout.push_blob("docker.io/x/y", desc, checked([b"hello ", b"blob"], desc, "blob"))
+    assert layout.has_blob("docker.io/x/y", desc)
     cfg = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": desc.digest, "size": desc.size},
            "layers": []}
@@ -325,10 +324,10 @@ def test_interrupted_save_resumes_fetching_only_what_is_missing(source, tmp_path
 
     monkeypatch.setattr(LayoutDir, "push_blob", dying)
     with pytest.raises(KeyboardInterrupt):
-        from rke2_mirror import archive
-        from rke2_mirror.jobs import SourceOptions, TLSOptions
-        from rke2_mirror.copy import CopyOptions
-        from rke2_mirror.reference import RegistryURL, parse_image_lines
+        import rke2_mirror.jobs.save as archive
+        from rke2_mirror.jobs.common import SourceOptions, TLSOptions
+        from rke2_mirror.engine.copy import CopyOptions
+        from rke2_mirror.model.reference import RegistryURL, parse_image_lines
 
         refs = parse_image_lines(source.list_file.read_text())
         archive.save(refs, out, source=SourceOptions(TLSOptions(), {"docker.io": RegistryURL.parse(source.reg.url)}),
@@ -441,7 +440,7 @@ def test_full_disk_during_save_fails_cleanly(source, tmp_path):
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
-        "from rke2_mirror.cli import main\n"
+        "from rke2_mirror.cli.app import main\n"
         f"sys.argv = ['rke2-mirror', 'save', '--images', {str(source.list_file)!r}, '-o', {str(out)!r},"
         f" '--source-endpoint', {source.endpoint!r}]\n"
         "main()\n"

@@ -4,8 +4,8 @@ import json
 import httpx
 import pytest
 
-from rke2_mirror.auth import Challenge, Credentials, lookup_credentials, request_scopes
-from rke2_mirror.errors import InputError
+from rke2_mirror.endpoints.auth import Challenge, Credentials, lookup_credentials, request_scopes
+from rke2_mirror.model.errors import InputError
 
 
 def _auth(u, p):

@@ -1,10 +1,11 @@
-"""A run killed with SIGKILL at random points never leaves a tag pointing at missing content, and a
-rerun completes; concurrent runs into one target don't corrupt it; memory stays flat on a big blob."""
+"""A run killed with SIGKILL mid-copy never leaves a tag pointing at missing content, and a rerun
+completes; concurrent runs into one target don't corrupt it; memory stays flat on a big blob."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,11 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from rke2_mirror.testing.images import ImagePusher, make_layer_blob, push_image
+from rke2_mirror_testkit.faultproxy import Fault, start_fault_proxy
+from rke2_mirror_testkit.images import ImagePusher, make_layer_blob, push_image
 
 from .test_mirror import assert_complete, write_list
 
-KILLS = 10
+KILLS = 6  # one per pair of images: each kill run has blobs of its own left to upload (4 images left for the final run)
+MIN_UPLOADS = 1  # a kill lands after at least this many blob uploads of its run ...
+MAX_UPLOADS = 4  # ... and at most this many (each image has 4 blobs of its own: the first tag can't be near)
+HOLD = 1.5  # seconds the target's answer to each final blob PUT is held back (the blob is committed)
+POLL_BOUND = 30.0
+BLOB_UPLOAD = re.compile(r'"PUT \S*/blobs/uploads/\S*[?&]digest=\S* HTTP/1\.1" 201 ')
+TAG_PUT = re.compile(r'"PUT /v2/\S+/manifests/(?!sha256:)[^\s/]+ HTTP/1\.1"')
 
 
 def catalog(url: str) -> dict[str, list[str]]:
@@ -52,27 +60,70 @@ def _mirror_cmd(lst, dst, src):
             "--source-endpoint", f"docker.io={src.url}", "--jobs", "4"]
 
 
-def test_sigkill_at_random_points_never_leaves_a_dangling_tag(many_images, registry_factory, tmp_path):
+def _uploads_and_tags(lines: list[str]) -> tuple[int, list[str]]:
+    return sum(1 for l in lines if BLOB_UPLOAD.search(l)), [l for l in lines if TAG_PUT.search(l)]
+
+
+def test_sigkill_mid_copy_never_leaves_a_dangling_tag(many_images, registry_factory, tmp_path):
+    """Each run copies two images it has to itself and is killed at a random point after it uploaded
+    between MIN_UPLOADS and MAX_UPLOADS blobs and before it wrote its first tag, both read from the
+    target's access log (polled, bounded) and asserted.  The window is wide by construction: a proxy in
+    front of the target holds back the answer to every final blob PUT for HOLD seconds (the registry
+    has committed and logged the blob), and an image's manifests and tag only go up once all of its own
+    4+ blob uploads were answered.  Then every tag in the target must resolve to complete content, and a
+    final run of all images completes."""
     src, images = many_images
     dst = registry_factory(name="dst")
-    lst = write_list(tmp_path / "images.txt", list(images))
+    hold = start_fault_proxy(dst.url, [Fault("stall", method="PUT", target="upload", always=True, transient=False,
+                                             seconds=HOLD, name="hold")])
+    refs = list(images)
     rng = random.Random(20261128)
     checked = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen(_mirror_cmd(lst, dst, src), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.2))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        for repo, tags in catalog(dst.url).items():
-            for tag in tags:
-                assert_complete(dst.url, repo, tag)  # every tag resolves to complete content
-                checked += 1
-    final = subprocess.run(_mirror_cmd(lst, dst, src), capture_output=True, text=True, timeout=120)
+    killed_after: list[tuple[int, float]] = []  # (blob uploads seen, seconds after start)
+    try:
+        for k in range(KILLS):
+            lst = write_list(tmp_path / f"images-{k}.txt", refs[2 * k:2 * k + 2])
+            start = len(dst.access_log())
+            want = rng.randint(MIN_UPLOADS, MAX_UPLOADS)
+            t0 = time.monotonic()
+            proc = subprocess.Popen(_mirror_cmd(lst, hold, src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + POLL_BOUND
+                while True:
+                    uploads, tags = _uploads_and_tags(dst.access_log()[start:])
+                    if uploads >= want or tags or proc.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0, HOLD / 3))  # a random point inside the window
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            stderr = proc.stderr.read().decode(errors="replace")
+            proc.stderr.close()
+            assert proc.returncode == -signal.SIGKILL, f"run {k} ended by itself ({proc.returncode}):\n{stderr[-2000:]}"
+            assert uploads >= want, f"run {k}: only {uploads} blob uploads within {POLL_BOUND}s (wanted {want})"
+            time.sleep(0.2)  # the registry logs a request when it is done with it
+            _, after_tags = _uploads_and_tags(dst.access_log()[start:])
+            assert not tags and not after_tags, f"run {k} wrote a tag before it was killed: {(tags + after_tags)[:3]}"
+            killed_after.append((uploads, round(time.monotonic() - t0, 1)))
+            for repo, tags_ in catalog(dst.url).items():
+                for tag in tags_:
+                    assert_complete(dst.url, repo, tag)  # every tag resolves to complete content
+                    checked += 1
+        assert hold.total("hold") > 0
+    finally:
+        hold.stop()
+    final = subprocess.run(_mirror_cmd(write_list(tmp_path / "images.txt", refs), dst, src), capture_output=True,
+                           text=True, timeout=120)
     assert final.returncode == 0, final.stderr
     for ref, img in images.items():
         repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
         assert assert_complete(dst.url, repo, "v1") == img.digest
-    print(f"{KILLS} runs killed, {checked} tags checked complete, {len(images)} images verified after rerun")
+    print(f"{KILLS} runs killed mid-copy after (blob uploads, seconds) {killed_after}, {checked} tags checked complete, "
+          f"{len(images)} images verified after rerun")
 
 
 def test_concurrent_runs_into_one_target(many_images, registry_factory, tmp_path):

@@ -20,12 +20,14 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-from rke2_mirror import dockerarchive as da
-from rke2_mirror.errors import ArchiveError
-from rke2_mirror.registry import Registry
-from rke2_mirror.testing.images import (DOCKER_LIST, DOCKER_MANIFEST, ImagePusher, list_tags, push_blob, push_image,
+import rke2_mirror.endpoints.compression as codecs
+import rke2_mirror.endpoints.dockerarchive as da
+from rke2_mirror.model.errors import ArchiveError
+from rke2_mirror.releases.checksums import arch_of
+from rke2_mirror.endpoints.registry import Registry
+from rke2_mirror_testkit.images import (DOCKER_LIST, DOCKER_MANIFEST, ImagePusher, list_tags, push_blob, push_image,
                                         push_manifest, read_blob, read_manifest, sha256_digest)
-from rke2_mirror.testing.release_server import start_release_server
+from rke2_mirror_testkit.release_server import start_release_server
 
 SKOPEO = shutil.which("skopeo")
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -33,7 +35,7 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 def cli(*args, env: dict | None = None) -> tuple[int, str, str]:
-    from rke2_mirror.cli import app
+    from rke2_mirror.cli.app import app
 
     r = CliRunner().invoke(app, [str(a) for a in args], env=env)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
@@ -221,18 +223,18 @@ def test_zstd_frame_walker_tells_complete_from_truncated():
     two = one + zstandard.ZstdCompressor(level=1).compress(b"more")
     skippable = b"\x50\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"12345"
     for stream in (one, two, skippable + two):
-        w = da._ZstdFrames("s")
+        w = codecs._ZstdFrames("s")
         for i in range(0, len(stream), 777):
             w.feed(stream[i:i + 777])
         w.finish()
         for cut in (len(stream) - 1, len(stream) - 5, len(stream) // 2):
-            w = da._ZstdFrames("s")
+            w = codecs._ZstdFrames("s")
             w.feed(stream[:cut])
             with pytest.raises(ArchiveError, match="truncated zstd"):
                 w.finish()
-    r = da._ZstdStream(io.BytesIO(two), "s")
+    r = codecs.ZstdStream(io.BytesIO(two), "s")
     assert b"".join(iter(lambda: r.read(65536), b"")) == data + b"more"
-    r = da._ZstdStream(io.BytesIO(two[:-3]), "s")
+    r = codecs.ZstdStream(io.BytesIO(two[:-3]), "s")
     with pytest.raises(ArchiveError, match="truncated zstd"):
         while r.read(65536):
             pass
@@ -241,7 +243,7 @@ def test_zstd_frame_walker_tells_complete_from_truncated():
 def test_gzip_stream_members_padding_and_truncation():
     a, b = b"a" * 100_000, random.Random(2).randbytes(50_000)
     stream = gzip.compress(a) + gzip.compress(b) + b"\0" * 1000
-    r = da._GzipStream(io.BytesIO(stream), "s")
+    r = codecs.GzipStream(io.BytesIO(stream), "s")
     got = []
     while chunk := r.read(4096):
         assert len(chunk) <= 4096
@@ -249,7 +251,7 @@ def test_gzip_stream_members_padding_and_truncation():
     assert b"".join(got) == a + b and r.padded
     for bad, what in ((stream[:len(gzip.compress(a)) + 100], "truncated gzip"),
                       (gzip.compress(a) + b"garbage!", "corrupt gzip")):
-        r = da._GzipStream(io.BytesIO(bad), "s")
+        r = codecs.GzipStream(io.BytesIO(bad), "s")
         with pytest.raises(ArchiveError, match=what):
             while r.read(65536):
                 pass
@@ -257,17 +259,17 @@ def test_gzip_stream_members_padding_and_truncation():
 
 def test_gzip_blobs_are_deterministic_whatever_the_chunking():
     data = layer_tar("det", 300_000)
-    whole = b"".join(da._gzip_chunks([data]))
-    pieces = b"".join(da._gzip_chunks(data[i:i + 4097] for i in range(0, len(data), 4097)))
+    whole = b"".join(codecs.gzip_chunks([data]))
+    pieces = b"".join(codecs.gzip_chunks(data[i:i + 4097] for i in range(0, len(data), 4097)))
     assert whole == pieces and whole[4:8] == b"\0\0\0\0" and gzip.decompress(whole) == data
 
 
 def test_arch_of_file_names():
-    assert da.arch_of(Path("rke2-images.linux-arm64.tar.zst")) == "arm64"
-    assert da.arch_of(Path("rke2-images-canal.linux-s390x.tar.gz")) == "s390x"
-    assert da.arch_of(Path("rke2-windows-ltsc2022-amd64-images.tar.zst")) == "amd64"
-    assert da.arch_of(Path("mine.tar.zst")) == "amd64"
-    assert da.arch_of(Path("mine.tar.zst"), ["arm64"]) == "arm64"
+    assert arch_of(Path("rke2-images.linux-arm64.tar.zst")) == "arm64"
+    assert arch_of(Path("rke2-images-canal.linux-s390x.tar.gz")) == "s390x"
+    assert arch_of(Path("rke2-windows-ltsc2022-amd64-images.tar.zst")) == "amd64"
+    assert arch_of(Path("mine.tar.zst")) == "amd64"
+    assert arch_of(Path("mine.tar.zst"), ["arm64"]) == "arm64"
 
 
 # --------------------------------------------------------------------------- loading
@@ -528,7 +530,7 @@ def test_no_room_to_spool_fails_cleanly(dst, tmp_path):
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
-        "from rke2_mirror.cli import main\n"
+        "from rke2_mirror.cli.app import main\n"
         f"sys.argv = ['rke2-mirror', 'load', {str(path)!r}, '--to', {dst.url!r}, '--tmp-dir', {str(spool)!r}]\n"
         "main()\n"
     )

@@ -11,13 +11,14 @@ import threading
 import httpx
 import pytest
 
-from rke2_mirror.copy import CopyEngine, CopyOptions, CopyTask
-from rke2_mirror.errors import UnsupportedManifest
-from rke2_mirror.oci import DOCKER_SCHEMA1_SIGNED
-from rke2_mirror.reference import ImageRef, RegistryURL, target_ref
-from rke2_mirror.registry import Registry, RetryPolicy
-from rke2_mirror.routing import SourceRouter, TargetLocator
-from rke2_mirror.testing.images import ImagePusher, blob_exists, list_tags, push_image, read_manifest
+from rke2_mirror.engine.copy import CopyEngine, CopyOptions, CopyTask
+from rke2_mirror.model.errors import UnsupportedManifest
+from rke2_mirror.model.oci import DOCKER_SCHEMA1_SIGNED
+from rke2_mirror.model.reference import ImageRef, RegistryURL, target_ref
+from rke2_mirror.endpoints.registry import Registry
+from rke2_mirror.engine.retry import RetryPolicy
+from rke2_mirror.endpoints.routing import SourceRouter, TargetLocator
+from rke2_mirror_testkit.images import ImagePusher, blob_exists, list_tags, push_image, read_manifest
 
 FAST = RetryPolicy(attempts=4, initial_wait=0.01, max_wait=0.2)
 
@@ -105,7 +106,7 @@ def test_retry_after_is_honoured(pair):
     # A 429 with Retry-After: 0 must wait ~0 s, not the 5 s exponential base.
     assert policy.wait(1, type("E", (), {"retry_after": 0.0})()) == 0.0
     assert policy.wait(2, None) == 10.0
-    from rke2_mirror.registry import status_error
+    from rke2_mirror.endpoints.registry import status_error
     err = status_error(httpx.Response(429, headers={"Retry-After": "7"}, request=httpx.Request("GET", "http://x")), "x")
     assert err.temporary and err.retry_after == 7.0
 
@@ -126,7 +127,7 @@ def test_permanent_fault_fails_the_image_and_tags_nothing(pair):
 
 def test_truncated_blob_body_is_not_committed(pair):
     src, dst, img = pair
-    from rke2_mirror.oci import parse_manifest
+    from rke2_mirror.model.oci import parse_manifest
     layer = parse_manifest(None, img.child_manifests[img.child("linux/amd64")]).layers[-1]
 
     def rule(req):
@@ -156,7 +157,7 @@ def test_blob_redirect_followed_without_leaking_credentials(pair, registry_facto
     target = RegistryURL.parse(dst.url)
     router = SourceRouter(lambda base: Registry(base, retry=FAST, transport=t), {"docker.io": RegistryURL.parse(src.url)})
     # Pretend the source challenged us for basic auth, so it would send credentials if it leaked them.
-    from rke2_mirror.auth import Challenge, Credentials
+    from rke2_mirror.endpoints.auth import Challenge, Credentials
     reg, _ = router.locate(ImageRef.parse("rancher/app:v1"))
     reg.auth.credentials = Credentials("u", "secret")
     reg.auth.challenge = Challenge("basic", {})
@@ -202,7 +203,7 @@ def test_schema1_is_refused_with_a_clear_error(registry):
     rep = engine_copy(registry.url, registry.url + "/copy", ["rancher/old:v0"], src_transport=FaultTransport(rule))
     assert rep.images[0].status == "failed" and "schema1" in rep.images[0].error
     with pytest.raises(UnsupportedManifest):
-        from rke2_mirror.oci import parse_manifest
+        from rke2_mirror.model.oci import parse_manifest
         parse_manifest(DOCKER_SCHEMA1_SIGNED, raw)
 
 
@@ -219,7 +220,7 @@ def test_dry_run_reports_without_writing(pair):
 
 def test_connection_reset_mid_blob_and_read_stall_are_retried(pair):
     src, dst, img = pair
-    from rke2_mirror.oci import parse_manifest
+    from rke2_mirror.model.oci import parse_manifest
     layer = parse_manifest(None, img.child_manifests[img.child("linux/amd64")]).layers[-1]
     faults = {"reset": 0, "stall": 0}
 

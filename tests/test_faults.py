@@ -1,6 +1,6 @@
 """Faults between rke2-mirror and real registries (issue #7), through the real command line.
 
-A fault-injecting proxy (`rke2_mirror.testing.faultproxy`) sits in front of the source and/or the
+A fault-injecting proxy (`rke2_mirror_testkit.faultproxy`) sits in front of the source and/or the
 target docker-registry: connection resets mid-blob and mid-upload, 500/502/503, 429 with
 Retry-After, truncated bodies, a final PUT or a manifest PUT that the registry committed but the client
 heard fail, and a wrong blob served under its digest.  Plans are deterministic (occurrence counts per
@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rke2_mirror.oci import parse_manifest
-from rke2_mirror.testing.faultproxy import Fault, FaultProxy, Plan, start_fault_proxy
-from rke2_mirror.testing.images import ImagePusher, blob_exists, list_tags, make_layer_blob, push_image
-from rke2_mirror.testing.registry_proc import REGISTRY_BINARY, start_registry
+from rke2_mirror.model.oci import parse_manifest
+from rke2_mirror_testkit.faultproxy import Fault, FaultProxy, Plan, start_fault_proxy
+from rke2_mirror_testkit.images import ImagePusher, blob_exists, list_tags, make_layer_blob, push_image
+from rke2_mirror_testkit.registry_proc import REGISTRY_BINARY, start_registry
 
 from .test_crash import catalog
 from .test_mirror import assert_complete, run_cli, write_list
@@ -496,7 +496,7 @@ def test_platform_check_of_a_single_platform_image_retries_its_config_read(sourc
 
 
 def test_signature_lookup_failure_does_not_fail_the_copied_image(registry_factory, proxies, tmp_path):
-    from rke2_mirror.testing.images import push_signature
+    from rke2_mirror_testkit.images import push_signature
 
     src, dst = registry_factory(name="src"), registry_factory(name="dst")
     with ImagePusher(src.url) as p:
@@ -537,10 +537,11 @@ def test_stalls_past_the_read_timeout_are_retried(source, registry_factory, prox
     """Engine level, every kind of stall: timeout=1.5 s against proxies that stall for 4 s: a source blob GET after 1000 bytes, a manifest GET after its
     headers, a target manifest HEAD before any byte, and a final PUT the registry committed but whose
     answer is held back."""
-    from rke2_mirror.copy import CopyEngine, CopyOptions, CopyTask
-    from rke2_mirror.reference import ImageRef, RegistryURL, target_ref
-    from rke2_mirror.registry import Registry, RetryPolicy
-    from rke2_mirror.routing import SourceRouter, TargetLocator
+    from rke2_mirror.engine.copy import CopyEngine, CopyOptions, CopyTask
+    from rke2_mirror.model.reference import ImageRef, RegistryURL, target_ref
+    from rke2_mirror.endpoints.registry import Registry
+    from rke2_mirror.engine.retry import RetryPolicy
+    from rke2_mirror.endpoints.routing import SourceRouter, TargetLocator
 
     src, images = source
     dst = registry_factory(name="dst")

@@ -12,7 +12,7 @@ import tarfile
 import httpx
 import pytest
 
-from rke2_mirror.testing.images import (
+from rke2_mirror_testkit.images import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -30,8 +30,8 @@ from rke2_mirror.testing.images import (
     read_manifest,
     sha256_digest,
 )
-from rke2_mirror.testing.registry_proc import free_port
-from rke2_mirror.testing.tokenserver import decode_jwt
+from rke2_mirror_testkit.registry_proc import free_port
+from rke2_mirror_testkit.tokenserver import decode_jwt
 
 ADMIN = ("admin", "Harbor12345")
 DEV = ("dev", "dev-pw")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rke2_mirror.testing.images import (
+from rke2_mirror_testkit.images import (
     ImagePusher,
     blob_exists,
     list_tags,
@@ -61,7 +61,7 @@ def seeded(registry_factory):
 
 def assert_complete(url: str, repo: str, tag: str, *, verify=True, auth=None) -> str:
     """The tag resolves, and every manifest and blob under it exists: returns the digest."""
-    from rke2_mirror.oci import parse_manifest
+    from rke2_mirror.model.oci import parse_manifest
     mt, raw, digest = read_manifest(url, repo, tag, verify=verify, auth=auth)
     todo = [(mt, raw)]
     with ImagePusher(url, verify=verify, auth=auth) as p:
@@ -156,7 +156,7 @@ def test_platform_subset_rebuilds_index(seeded, registry_factory, tmp_path):
     r = rep["docker.io/rancher/hardened-etcd:v3.5.9"]
     assert r["status"] == "copied" and r["digest"] != etcd.digest and r["source_digest"] == etcd.digest
     assert "digest changed" in r["note"]
-    from rke2_mirror.oci import parse_manifest
+    from rke2_mirror.model.oci import parse_manifest
     mt, raw, digest = read_manifest(dst.url, "sub/rancher/hardened-etcd", "v3.5.9")
     m = parse_manifest(mt, raw)
     assert [str(d.platform) for d in m.manifests] == ["linux/arm64"]
@@ -197,7 +197,7 @@ def test_missing_image_fails_alone_and_failed_list_reads_back(seeded, registry_f
     assert proc.returncode == 1
     assert "never-pushed" in proc.stderr and "not found" in proc.stderr and "Traceback" not in proc.stderr
     assert list_tags(dst.url, "rancher/hardened-etcd") == ["v3.5.9"]
-    from rke2_mirror.reference import parse_image_lines
+    from rke2_mirror.model.reference import parse_image_lines
     assert [str(r) for r in parse_image_lines(failed.read_text())] == ["docker.io/rancher/never-pushed:v0"]
 
 
@@ -212,7 +212,7 @@ def test_unparseable_line_names_file_and_line(tmp_path, registry):
 
 def test_unreachable_target_is_one_line_exit_2(tmp_path, seeded):
     src, _ = seeded
-    from rke2_mirror.testing.registry_proc import free_port
+    from rke2_mirror_testkit.registry_proc import free_port
     lst = write_list(tmp_path / "images.txt", ["rancher/hardened-etcd:v3.5.9"])
     proc = run_cli("mirror", "--images", str(lst), "--to", f"http://127.0.0.1:{free_port()}",
                    "--source-endpoint", f"docker.io={src.url}", "--retries", "1")
@@ -356,7 +356,7 @@ def test_corrupt_source_blob_is_never_tagged(registry_factory, tmp_path):
         good = push_image(p, "rancher/good", "v1", seed="good", platforms=None)
         bad = push_image(p, "rancher/bad", "v1", seed="bad", layer_sizes=(50_000,))
     # Flip bytes of one layer on the source registry's disk: same size, wrong content.
-    from rke2_mirror.oci import parse_manifest
+    from rke2_mirror.model.oci import parse_manifest
     child = bad.child("linux/arm64")
     layer = parse_manifest(None, bad.child_manifests[child]).layers[-1].digest
     hexd = layer.split(":")[1]

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from rke2_mirror import oci
-from rke2_mirror.errors import DigestMismatch, UnsupportedManifest
+import rke2_mirror.model.oci as oci
+from rke2_mirror.model.errors import DigestMismatch, UnsupportedManifest
 
 
 def _index(mt=oci.OCI_INDEX):

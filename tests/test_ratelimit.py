@@ -8,14 +8,14 @@ import time
 import httpx
 import pytest
 
-from rke2_mirror.cli_options import parse_shard
-from rke2_mirror.copy import CopyEngine, CopyOptions, CopyTask
-from rke2_mirror.errors import InputError
-from rke2_mirror.ratelimit import PullBudget, RequestRateLimiter
-from rke2_mirror.reference import ImageRef, RegistryURL, shard, target_ref
-from rke2_mirror.registry import Registry
-from rke2_mirror.routing import SourceRouter, TargetLocator
-from rke2_mirror.testing.images import ImagePusher, list_tags, push_image
+from rke2_mirror.cli.options import parse_shard
+from rke2_mirror.engine.copy import CopyEngine, CopyOptions, CopyTask
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.endpoints.ratelimit import PullBudget, RequestRateLimiter
+from rke2_mirror.model.reference import ImageRef, RegistryURL, shard, target_ref
+from rke2_mirror.endpoints.registry import Registry
+from rke2_mirror.endpoints.routing import SourceRouter, TargetLocator
+from rke2_mirror_testkit.images import ImagePusher, list_tags, push_image
 
 from .test_engine import FAST, FaultTransport
 from .test_mirror import run_cli, write_list

@@ -1,7 +1,7 @@
 import pytest
 
-from rke2_mirror.errors import InputError
-from rke2_mirror.reference import ImageRef, RegistryURL, merge_refs, parse_image_lines, target_ref
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.model.reference import ImageRef, RegistryURL, merge_refs, parse_image_lines, target_ref
 
 
 @pytest.mark.parametrize("text,registry,repo,tag,digest", [

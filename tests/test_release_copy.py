@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rke2_mirror.testing.images import ImagePusher, list_tags, make_layer_blob, push_image
-from rke2_mirror.testing.release_server import start_release_server
+from rke2_mirror_testkit.images import ImagePusher, list_tags, make_layer_blob, push_image
+from rke2_mirror_testkit.release_server import start_release_server
 
 from .test_mirror import run_cli
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from rke2_mirror.cli_releases import ReleaseOptions, collect_images, load_releases, register
-from rke2_mirror.errors import InputError
-from rke2_mirror.reference import ImageRef
+from rke2_mirror.cli.app import app as cli_app
+from rke2_mirror.cli.base import collect_images, load_releases
+from rke2_mirror.cli.options import ReleaseOptions
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.model.reference import ImageRef
 from rke2_mirror.releases import (
     ReleaseSource,
     default_lists_dir,
@@ -29,7 +30,7 @@ from rke2_mirror.releases import (
     release_images,
     resolve_version,
 )
-from rke2_mirror.testing.release_server import start_release_server
+from rke2_mirror_testkit.release_server import start_release_server
 
 REPO_LISTS = Path(__file__).resolve().parents[1] / "lists"
 OLD, NEW, K3S = "v1.28.9+rke2r1", "v1.30.14+rke2r1", "v1.28.9+k3s1"
@@ -110,9 +111,7 @@ runner = CliRunner()
 
 
 def cli(*args: str, env: dict[str, str] | None = None):
-    app = typer.Typer()
-    register(app)
-    return runner.invoke(app, list(args), env=env)
+    return runner.invoke(cli_app, list(args), env=env)
 
 
 def cli_source_args(server, cache: Path, product: str = "rke2") -> list[str]:
@@ -342,7 +341,7 @@ def test_tls_failure_names_the_url(served, cache, pki, tmp_path) -> None:
 
 
 def test_temporary_server_errors_are_retried(monkeypatch, cache) -> None:
-    import rke2_mirror.releases as releases
+    import rke2_mirror.releases.source as releases
 
     monkeypatch.setattr(releases, "_RETRY_DELAYS", (0, 0))
     calls: list[str] = []

@@ -14,14 +14,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from rke2_mirror.auth import Credentials
-from rke2_mirror.errors import InputError
-from rke2_mirror.reference import ImageRef, RegistryURL
-from rke2_mirror.rke2config import (DEFAULT_ENDPOINT_TLS_FIX, HOSTS_TOML, RUNTIME_HTTP_TOKEN_FIX, WILDCARD_MIRRORS,
-                                    Endpoint, NodeConfig, Registries, RKE2Version, apply_rewrites, build_registries,
-                                    dump_registries, honours_default_endpoint_tls, node_image, puller_for,
-                                    render_registries_yaml, resolve_endpoints, set_system_default_registry,
-                                    system_default_registry_of, version_from_images)
+from rke2_mirror.endpoints.auth import Credentials
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.model.reference import ImageRef, RegistryURL
+from rke2_mirror.node.registries import Registries
+from rke2_mirror.node.resolver import Endpoint, apply_rewrites, node_image, puller_for, resolve_endpoints
+from rke2_mirror.node.versions import (DEFAULT_ENDPOINT_TLS_FIX, HOSTS_TOML, RUNTIME_HTTP_TOKEN_FIX, WILDCARD_MIRRORS,
+                                       RKE2Version, honours_default_endpoint_tls, version_from_images)
+from rke2_mirror.node.writer import (NodeConfig, build_registries, dump_registries, render_registries_yaml,
+                                     set_system_default_registry, system_default_registry_of)
 
 GOLDEN = Path(__file__).parent / "golden" / "registries"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
@@ -416,7 +417,7 @@ runner = CliRunner()
 
 
 def cli(*args, env=None):
-    from rke2_mirror.cli import app
+    from rke2_mirror.cli.app import app
     return runner.invoke(app, list(args), env=env, catch_exceptions=False)
 
 

@@ -16,11 +16,11 @@ import typer
 import typer.main
 import yaml
 
-from rke2_mirror import sync as job
-from rke2_mirror.cli import app
-from rke2_mirror.cli_options import parse_shard
-from rke2_mirror.testing.images import list_tags
-from rke2_mirror.testing.release_server import start_release_server
+import rke2_mirror.jobs.sync as job
+from rke2_mirror.cli.app import app
+from rke2_mirror.cli.options import parse_shard
+from rke2_mirror_testkit.images import list_tags
+from rke2_mirror_testkit.release_server import start_release_server
 
 from .test_sync import CORE, NEW, OLD, lists_root, source, write_release  # noqa: F401 - fixtures
 
@@ -425,13 +425,14 @@ def test_release_bump_refuses_a_list_that_fails_its_checksum(bump_repo, tmp_path
 
 def test_cli_start_up_imports_only_what_mirror_needs():
     """Start-up is most of a no-op run: the archive, node-check and progress-bar modules are
-    imported by the commands that use them, not by `import rke2_mirror.cli`."""
+    imported by the commands that use them, not by `import rke2_mirror.cli.app`."""
     import sys
 
-    code = ("import sys, rke2_mirror.cli; "
+    code = ("import sys, rke2_mirror.cli.app; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('rke2_mirror', 'tqdm', 'yaml')))))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
-    assert {"rke2_mirror.cli", "rke2_mirror.copy", "rke2_mirror.registry"} <= loaded
-    lazy = {"rke2_mirror.archive", "rke2_mirror.dockerarchive", "rke2_mirror.layout", "rke2_mirror.nodecheck",
-            "rke2_mirror.rke2config", "rke2_mirror.sync", "tqdm"}
+    assert {"rke2_mirror.cli.app", "rke2_mirror.engine.copy", "rke2_mirror.endpoints.registry"} <= loaded
+    lazy = {"rke2_mirror.endpoints.ociarchive", "rke2_mirror.endpoints.dockerarchive", "rke2_mirror.endpoints.layout", "rke2_mirror.node.verify",
+            "rke2_mirror.node.versions", "rke2_mirror.node.registries", "rke2_mirror.node.resolver",
+            "rke2_mirror.node.writer", "rke2_mirror.releases.checksums", "rke2_mirror.jobs.sync", "tqdm"}
     assert not lazy & loaded, sorted(lazy & loaded)

@@ -20,11 +20,11 @@ import httpx
 import pytest
 import yaml
 
-from rke2_mirror import sync as job
-from rke2_mirror.reference import ImageRef
-from rke2_mirror.testing.images import ImagePusher, list_tags, make_layer_blob, push_image
-from rke2_mirror.testing.registry_proc import REGISTRY_BINARY, start_registry
-from rke2_mirror.testing.release_server import start_release_server
+import rke2_mirror.jobs.sync as job
+from rke2_mirror.model.reference import ImageRef
+from rke2_mirror_testkit.images import ImagePusher, list_tags, make_layer_blob, push_image
+from rke2_mirror_testkit.registry_proc import REGISTRY_BINARY, start_registry
+from rke2_mirror_testkit.release_server import start_release_server
 
 from .test_mirror import run_cli
 
@@ -214,7 +214,8 @@ releases:
      "config.yaml:4: target.credentials: give exactly one of 'env' (variable names) or 'file'"),
     (GOOD.replace("url: https://harbor.example.com",
                   "url: https://harbor.example.com\n  credentials:\n    env: {username: admin, password: 'Harbor12345!'}"),
-     "config.yaml:5: target.credentials.env.password: 'Harbor12345!' is not an environment variable name"),
+     "config.yaml:5: target.credentials.env.password: not an environment variable name (the config names the "
+     "variable, never the secret itself; the value is not shown)"),
     (GOOD + "sources:\n  credentials:\n    env: {username: U, password: P}\n",
      "config.yaml:8: unknown key 'sources.credentials.env' (known: file)"),
     (GOOD + "sources:\n  endpoints: {docker.io: 'ftp://x'}\n", "config.yaml:7: sources.endpoints:"),
@@ -403,7 +404,7 @@ def test_dry_run_writes_nothing(source, releases, registry_factory, tmp_path):
 
 
 def test_split_report_counts_shared_images_for_each_release_and_signatures_with_their_image():
-    from rke2_mirror.copy import ImageResult, Report
+    from rke2_mirror.engine.copy import ImageResult, Report
 
     a, b, c, d = (ImageRef.parse(f"rancher/{n}:1") for n in "abcd")
     sets = [job.ImageSet("rke2 stable", (a, b), "rke2", "stable", NEW), job.ImageSet("images x.txt", (b, c, d), file="x.txt")]
@@ -469,7 +470,7 @@ def test_credentials_from_a_docker_config_file(source, releases, basic_registry,
 HOLD = """
 import sys, time
 from pathlib import Path
-from rke2_mirror.sync import SyncLock
+from rke2_mirror.jobs.sync import SyncLock
 lock = SyncLock(Path(sys.argv[1]))
 lock.acquire()
 print("locked", flush=True)
@@ -522,13 +523,13 @@ def test_lock_in_an_unwritable_place_is_a_config_error(tmp_path):
 
 
 def _fake_engine(monkeypatch):
-    """jobs.mirror replaced: every image it is given is reported as copied (no registries involved)."""
-    from rke2_mirror.copy import ImageResult, Report
+    """jobs.mirror.mirror replaced: every image it is given is reported as copied (no registries involved)."""
+    from rke2_mirror.engine.copy import ImageResult, Report
 
     def fake_mirror(refs, target, **kw):
         return Report([ImageResult(str(r), f"{target.host}/{r.repository}:{r.tag}", "copied", bytes=1) for r in refs])
 
-    monkeypatch.setattr(job.jobs, "mirror", fake_mirror)
+    monkeypatch.setattr(job.run.mirror_job, "mirror", fake_mirror)
 
 
 def test_shards_of_a_sync_partition_its_image_set(releases, monkeypatch, tmp_path):
@@ -541,7 +542,7 @@ def test_shards_of_a_sync_partition_its_image_set(releases, monkeypatch, tmp_pat
                           outputs=None)
     cfg = job.load_config(config)
     sets = job.resolve_image_sets(cfg)
-    monkeypatch.setattr(job, "resolve_image_sets", lambda *a, **k: sets)  # resolved once
+    monkeypatch.setattr(job.run, "resolve_image_sets", lambda *a, **k: sets)  # resolved once
     everything = refs(*ALL_REFS) | {f"docker.io/example/app{i}:v{i}" for i in range(40)}
     for n in (1, 2, 3, 5, 8):
         parts = []
@@ -699,10 +700,10 @@ def test_max_rps_and_pull_floor_come_from_the_config_unless_overridden(monkeypat
 
     def fake_mirror(refs, target, **kw):
         seen.update(kw, n=len(refs))
-        from rke2_mirror.copy import Report
+        from rke2_mirror.engine.copy import Report
         return Report([])
 
-    monkeypatch.setattr(job.jobs, "mirror", fake_mirror)
+    monkeypatch.setattr(job.run.mirror_job, "mirror", fake_mirror)
     (tmp_path / "l.txt").write_text("rancher/x:1\nrancher/y:2\n")
     cfg = job.LoadedConfig(tmp_path / "c.yaml", job.parse_config(
         "version: 1\ntarget: {url: 'http://127.0.0.1:1'}\nimages: [l.txt]\ncopy: {max_rps: 7.5, pull_floor: 3, jobs: 2}\n",
@@ -711,3 +712,72 @@ def test_max_rps_and_pull_floor_come_from_the_config_unless_overridden(monkeypat
     assert (seen["max_rps"], seen["pull_floor"], seen["options"].jobs, seen["n"]) == (7.5, 3, 2, 2)
     job.run_sync(cfg, max_rps=2, pull_floor=0, jobs_override=6)
     assert (seen["max_rps"], seen["pull_floor"], seen["options"].jobs) == (2, 0, 6)
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+INTERRUPT_CONFIG = """\
+version: 1
+target: {url: 'http://127.0.0.1:1'}
+images: [l.txt]
+outputs: {report: out/report.json, textfile: out/sync.prom, registries_yaml: node/registries.yaml}
+"""
+
+
+def test_a_run_interrupted_before_copying_writes_its_report_and_releases_the_lock(monkeypatch, tmp_path):
+    from rke2_mirror.engine.cancel import Cancel, Interrupted
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not start once the run is interrupted")
+
+    monkeypatch.setattr(job.run.mirror_job, "mirror", no_engine)
+    (tmp_path / "l.txt").write_text("rancher/x:1\nrancher/y:2\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(INTERRUPT_CONFIG)
+    cancel = Cancel()
+    cancel.set(signal.SIGINT)
+    with pytest.raises(Interrupted) as info:
+        job.sync(config, cancel=cancel)
+    assert info.value.exit_code == 130
+    rep = read_report(config)
+    assert (rep["result"], rep["exit_code"], rep["interrupted"]) == ("interrupted", 130, "SIGINT")
+    assert [i["status"] for i in rep["images"]] == ["interrupted", "interrupted"]
+    assert rep["summary"]["interrupted"] == 2 and rep["releases"][0]["interrupted"] == [i["source"] for i in rep["images"]]
+    assert prom(tmp_path / "out" / "sync.prom")["rke2_mirror_last_run_success"] == 0
+    assert not (tmp_path / "node").exists()  # an interrupted run writes no node files
+    assert Path(str(config) + ".lock").read_text() == ""
+    with job.SyncLock(Path(str(config) + ".lock")):  # released
+        pass
+
+
+def test_an_engine_run_interrupted_by_sigterm_is_exit_143_with_its_report(monkeypatch, tmp_path):
+    from rke2_mirror.engine.cancel import Cancel
+    from rke2_mirror.engine.copy import ImageResult, Report
+
+    seen = {}
+
+    def interrupted_engine(refs, target, **kw):
+        seen["cancel"] = kw["options"].cancel
+        kw["options"].cancel.set(signal.SIGTERM)  # as the CLI's signal handler does
+        first, rest = str(refs[0]), [str(r) for r in refs[1:]]
+        return Report([ImageResult(first, "t/" + first, "copied", bytes=5)]
+                      + [ImageResult(s, "t/" + s, "interrupted", error="interrupted before it completed") for s in rest],
+                      interrupted="SIGTERM")
+
+    monkeypatch.setattr(job.run.mirror_job, "mirror", interrupted_engine)
+    (tmp_path / "l.txt").write_text("rancher/x:1\nrancher/y:2\nrancher/z:3\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(INTERRUPT_CONFIG)
+    cancel = Cancel()
+    result = job.sync(config, cancel=cancel)
+    assert seen["cancel"] is cancel
+    assert result.exit_code == 143 and not result.ok
+    assert result.messages[-1] == "interrupted by SIGTERM: 2 images not finished, left to the next run"
+    assert result.messages[0].endswith(": 3 images, 1 copied, 0 already present, 0 failed, 2 interrupted")
+    rep = read_report(config)
+    assert (rep["result"], rep["exit_code"]) == ("interrupted", 143)
+    assert (rep["summary"]["copied"], rep["summary"]["interrupted"]) == (1, 2)
+    assert prom(tmp_path / "out" / "sync.prom")["rke2_mirror_last_run_success"] == 0
+    assert not (tmp_path / "node").exists()
+    assert Path(str(config) + ".lock").read_text() == ""

@@ -1,7 +1,7 @@
 """`rke2-mirror verify` (and `registries-yaml` feeding it) against real registries on loopback:
 both experiments of the seed post, a path prefix with rewrites, TLS unknown authority, 401, not found.
 
-Loopback registries are checked as if a node reached them by a routable name (see rke2config: the
+Loopback registries are checked as if a node reached them by a routable name (see node.resolver: the
 "localhost with a port means http" special case is deliberately not modelled)."""
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rke2_mirror.auth import Credentials
-from rke2_mirror.nodecheck import check_images
-from rke2_mirror.reference import ImageRef, RegistryURL
-from rke2_mirror.rke2config import NodeConfig, Registries, RKE2Version, build_registries, dump_registries
-from rke2_mirror.testing.images import ImagePusher, push_image
+from rke2_mirror.endpoints.auth import Credentials
+from rke2_mirror.node.verify import check_images
+from rke2_mirror.model.reference import ImageRef, RegistryURL
+from rke2_mirror.node.registries import Registries
+from rke2_mirror.node.versions import RKE2Version
+from rke2_mirror.node.writer import NodeConfig, build_registries, dump_registries
+from rke2_mirror_testkit.images import ImagePusher, push_image
 
 RUNTIME = "docker.io/rancher/rke2-runtime:v1.22.8-rke2r1"
 SYSTEM = [RUNTIME, "docker.io/rancher/hardened-etcd:v3.5.9-k3s1", "docker.io/rancher/mirrored-pause:3.6"]

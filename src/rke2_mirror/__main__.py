@@ -1,3 +1,3 @@
-from .cli import main
+from rke2_mirror.cli.app import main
 
 main()

@@ -1,11 +1,13 @@
-"""Files written whole or not at all: a temp file beside the target, then a rename over it."""
+"""Files written whole or not at all: a fresh temp file beside the target, then a rename over it."""
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from rke2_mirror.model.errors import InputError
 
 
 def existing_mode(path: Path, default: int) -> int:
@@ -16,35 +18,53 @@ def existing_mode(path: Path, default: int) -> int:
         return default
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644, *, exclusive: bool = False, parents: bool = False,
-                 fsync: bool = False) -> None:
-    """Write `text` to a temp file `.NAME.tmpPID` created with exactly `mode` (chmod'ed: the umask
-    does not narrow it, nothing widens it: files holding credentials stay 0600), then rename it
-    over `path`.  `exclusive`: refuse a temp file another run left behind (O_EXCL) instead of
-    reusing it; `parents`: create missing directories; `fsync`: on disk before the rename.
-    Any failure is one InputError, "cannot write PATH: ...", and no temp file is left."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_EXCL if exclusive else 0)
+def write_atomic(path: Path, text: str | bytes, mode: int = 0o644, *, exclusive: bool = True,
+                 parents: bool = False, fsync: bool = True) -> None:
+    """Put `text` (str: UTF-8; or bytes) at `path` whole or not at all, with permission bits exactly `mode`.
+
+    The temp file gets an unpredictable name in the target's directory (`.NAME.<random>.tmp`, never
+    ending in the target's suffix, so a reader globbing `*.prom` never sees it) and is created with
+    O_CREAT|O_EXCL|O_NOFOLLOW (`tempfile.mkstemp`): nothing planted in the directory, a symlink
+    included, is followed or reused.  Then: fchmod to `mode` (the umask does not narrow it, nothing
+    widens it: files holding credentials stay 0600), write, fsync, rename over `path` (a symlink at
+    `path` is replaced, not followed), fsync the directory.  `parents`: create missing directories.
+
+    Any failure is one InputError, "cannot write PATH: ...", and no temp file is left.
+    `exclusive` and `fsync` are accepted for older callers: both are always on now."""
+    del exclusive, fsync  # always: a fresh O_EXCL temp file, and on disk before the rename
+    path = Path(path)
+    directory = path.parent
+    tmp: str | None = None
     try:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         if parents:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(tmp, flags, mode)
-        except FileExistsError:
-            if not exclusive:
-                raise
-            raise InputError(f"cannot write {path}: a stale temporary file {tmp} exists") from None
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(directory)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    """The rename on disk too.  A file system that cannot fsync a directory (EINVAL) is not an error."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,248 @@
+"""typer commands for the node side: `registries-yaml` and `verify`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rke2_mirror.endpoints.auth import ENV_PASSWORD, ENV_USERNAME, Credentials
+from rke2_mirror.cli.base import app, load_releases, read_image_file, run_command
+from rke2_mirror.cli.options import IMAGE_LISTS, RELEASE_LISTS, ImageLists, ReleaseOptions, options
+from rke2_mirror.cli.util import PROG, LazyModule, stderr_log
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.files import existing_mode, write_atomic
+from rke2_mirror.model.oci import Platform
+from rke2_mirror.model.reference import ImageRef, RegistryURL, merge_refs
+
+node_versions = LazyModule("rke2_mirror.node.versions")  # imported when a command of this module runs
+node_registries = LazyModule("rke2_mirror.node.registries")
+node_writer = LazyModule("rke2_mirror.node.writer")
+nodecheck = LazyModule("rke2_mirror.node.verify")
+
+ENV_IDENTITY_TOKEN = "RKE2_MIRROR_IDENTITY_TOKEN"
+
+RKE2VersionOpt = Annotated[Optional[str], typer.Option(
+    "--rke2-version", metavar="VERSION",
+    help="The RKE2 version the nodes run (v1.28.9+rke2r1); default: from --release, or the rke2-runtime tag "
+         "of --images. Unknown: what works on every supported release, with warnings.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout.")]
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+def warn(message: str) -> None:
+    typer.echo(f"{PROG}: warning: {message}", err=True)
+
+
+def read_text(path: Path, what: str, missing_ok: bool = False) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return ""
+        raise InputError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path}: cannot read ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+
+
+def gather(images: ImageLists, options: ReleaseOptions, required: bool) -> tuple[list[ImageRef], list[node_versions.RKE2Version]]:
+    """Images of --images and --release, and the RKE2 versions the releases resolved to."""
+    files, releases = images.files, images.releases
+    if required and not files and not releases:
+        raise InputError("no images given: use --images FILE and/or --release RELEASE")
+    lists = [read_image_file(p) for p in files]
+    versions: list[node_versions.RKE2Version] = []
+    if releases:
+        for r in load_releases(releases, options, log=stderr_log):
+            lists.append(list(r.images))
+            v = node_versions.RKE2Version.try_parse(r.version)
+            if v:
+                versions.append(v)
+    return merge_refs(*lists), versions
+
+
+def pick_version(explicit: str | None, from_releases: list[node_versions.RKE2Version],
+                 images: list[ImageRef]) -> node_versions.RKE2Version | None:
+    if explicit:
+        return node_versions.RKE2Version.parse(explicit)
+    if from_releases:
+        if len(set(from_releases)) > 1:
+            warn(f"several RKE2 versions ({', '.join(map(str, sorted(set(from_releases))))}): "
+                 f"modelling the oldest, {min(from_releases)}")
+        return min(from_releases)
+    return node_versions.version_from_images(images)
+
+
+def credentials_from_env() -> Credentials:
+    user, pw = os.environ.get(ENV_USERNAME, ""), os.environ.get(ENV_PASSWORD, "")
+    token = os.environ.get(ENV_IDENTITY_TOKEN, "")
+    if user and pw:
+        return Credentials(user, pw)
+    if token:
+        return Credentials(user, "", token)
+    raise InputError(f"--with-auth needs {ENV_USERNAME} and {ENV_PASSWORD} (or {ENV_IDENTITY_TOKEN}) in the "
+                     "environment; passwords are never taken on the command line")
+
+
+# -- registries-yaml -------------------------------------------------------------------------------
+@app.command("registries-yaml")
+@run_command
+@options(images=IMAGE_LISTS, lists=RELEASE_LISTS.without("product"))
+def registries_yaml_command(
+    *,
+    to: Annotated[str, typer.Option("--to", metavar="TARGET", help="The registry the images were copied to: [https://|http://]HOST[:PORT][/PREFIX].", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Write registries.yaml here (atomically; mode 0600 when it holds credentials). Default: stdout.", show_default=False)] = None,
+    config_yaml: Annotated[Optional[Path], typer.Option("--config-yaml", metavar="PATH", help="Also set system-default-registry in this RKE2 config.yaml (created if missing), keeping its other keys and their order. Comments in it are not kept.", show_default=False)] = None,
+    node_ca_file: Annotated[Optional[str], typer.Option("--node-ca-file", metavar="PATH", help="Path of the registry's CA certificate ON THE NODES (tls.ca_file).", show_default=False)] = None,
+    insecure_skip_verify: Annotated[bool, typer.Option("--insecure-skip-verify", help="Write tls.insecure_skip_verify: true (prefer --node-ca-file).")] = False,
+    with_auth: Annotated[bool, typer.Option("--with-auth", help=f"Write auth from ${ENV_USERNAME}/${ENV_PASSWORD} (or ${ENV_IDENTITY_TOKEN}).")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Update the existing --output file: other mirrors and configs are kept (its comments are not).")] = False,
+    system_default_registry: Annotated[bool, typer.Option("--system-default-registry/--no-system-default-registry", help="Pull RKE2's system images from TARGET (config.yaml system-default-registry). --no-system-default-registry: TARGET serves workload images only (and --config-yaml removes the key).")] = True,
+    rke2_version: RKE2VersionOpt = None,
+    images: ImageLists,
+    lists: ReleaseOptions,
+) -> None:
+    """Write the registries.yaml (and config.yaml system-default-registry) that points RKE2 nodes at TARGET.
+
+    Mirror entries are written for docker.io, for every registry the images come from (with
+    --release/--images) and for TARGET's host itself, each with TARGET as a full URL; a /PREFIX becomes
+    rewrite rules. configs (TLS, auth) are keyed by the endpoint's host:port. config.yaml is rewritten
+    through a YAML parser: its comments are lost.
+    """
+    target = RegistryURL.parse(to, what="--to")
+    if merge and output is None:
+        raise InputError("--merge needs --output PATH (the registries.yaml to update)")
+    refs, versions = gather(images, lists, required=False)
+    version = pick_version(rke2_version, versions, refs)
+    auth = credentials_from_env() if with_auth else None
+    existing = node_registries.load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output)) if merge and output else None
+    cfg = node_writer.NodeConfig.for_images(target, refs, node_ca_file=node_ca_file,
+                                           insecure_skip_verify=insecure_skip_verify, auth=auth, system_default_registry=system_default_registry, rke2_version=version)
+    doc, warnings = node_writer.build_registries(cfg, existing)
+    text = node_writer.dump_registries(doc, cfg)
+    if version is None and system_default_registry:
+        warnings.append("RKE2 version unknown (give --release or --rke2-version): written for every supported release")
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        secret = node_writer.registries_have_auth(doc)
+        mode = 0o600 if secret else existing_mode(output, 0o644)
+        write_atomic(output, text, mode)
+        typer.echo(f"{PROG}: wrote {output}" + (" (mode 0600: it holds credentials)" if secret else ""), err=True)
+    if config_yaml is not None:
+        update_config_yaml(config_yaml, target.host if system_default_registry else None)
+    for w in warnings:
+        warn(w)
+
+
+def update_config_yaml(path: Path, host: str | None) -> None:
+    old = read_text(path, "config.yaml", missing_ok=True)
+    new = node_writer.set_system_default_registry(old, host, str(path))
+    if new != old:
+        write_atomic(path, new, existing_mode(path, 0o600))
+    what = f"system-default-registry: {host}" if host else "no system-default-registry"
+    typer.echo(f"{PROG}: {path}: {what}", err=True)
+
+
+# -- verify ----------------------------------------------------------------------------------------
+@app.command("verify")
+@run_command
+@options(images=IMAGE_LISTS, lists=RELEASE_LISTS.without("product"))
+def verify_command(
+    *,
+    registries_yaml: Annotated[Path, typer.Option("--registries-yaml", metavar="PATH", help="The registries.yaml the nodes use.", show_default=False)],
+    config_yaml: Annotated[Optional[Path], typer.Option("--config-yaml", metavar="PATH", help="The nodes' config.yaml: its system-default-registry renames the system images.", show_default=False)] = None,
+    images: ImageLists,
+    rke2_version: RKE2VersionOpt = None,
+    node_root: Annotated[Optional[Path], typer.Option("--node-root", metavar="DIR", help="Read the files registries.yaml names (ca_file) under DIR, e.g. a copy of a node's /etc.", show_default=False)] = None,
+    check_upstream: Annotated[bool, typer.Option("--check-upstream", help="Also contact upstream registries (docker.io, quay.io, ...) where a node would fall back to them; default: reported as failing, as on an air-gapped node.")] = False,
+    jobs_n: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images checked at once.")] = 4,
+    as_json: JsonOpt = False,
+    lists: ReleaseOptions,
+) -> None:
+    """Check, as an RKE2 node would resolve them, that every image is pullable through registries.yaml.
+
+    Per image: the name the node asks for (system-default-registry applied), then the endpoints in
+    RKE2's order (mirror endpoints, rewrite, "*", the default endpoint last) with the TLS and auth of
+    configs."host:port"; the manifest and the child for --arch must be there. Exit 1 if any image
+    would fail.
+    """
+    refs, versions = gather(images, lists, required=True)
+    version = pick_version(rke2_version, versions, refs)
+    regs = node_registries.Registries.parse(read_text(registries_yaml, "registries.yaml"), str(registries_yaml))
+    conf_text = read_text(config_yaml, "config.yaml") if config_yaml else ""
+    sdr = node_writer.system_default_registry_of(conf_text, str(config_yaml))
+    no_default = node_writer.default_endpoint_disabled(conf_text, str(config_yaml))
+    platform = Platform("linux", (lists.arches or ("amd64",))[0])
+    if len(lists.arches) > 1:
+        warn(f"checking the {platform} manifests only (one node architecture at a time)")
+    node_path = (lambda p: str(node_root / p.lstrip("/"))) if node_root else str
+    progress = _Progress(len(refs))
+    try:
+        report = nodecheck.check_images(refs, regs, system_default_registry=sdr, rke2_version=version, platform=platform,
+                              jobs=jobs_n, progress=progress.update, node_path=node_path,
+                              check_upstream=check_upstream, disable_default_endpoint=no_default)
+    finally:
+        progress.close()
+    if version is None:
+        report = nodecheck.VerifyReport(report.images, report.system_default_registry, None, report.platform,
+                              ("RKE2 version unknown (give --release or --rke2-version): modelled as the current releases",))
+    if as_json:
+        import json
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        typer.echo(render_table(report))
+    j = report.to_json()["summary"]
+    typer.echo(f"{PROG}: {j['total']} images: {j['found']} found, {j['failed']} would fail"
+               + (f" (RKE2 {version})" if version else ""), err=True)
+    for w in report.warnings:
+        warn(w)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.bar = None
+        if sys.stderr.isatty() and total > 1:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="img", desc="verify", file=sys.stderr, leave=False)
+
+    def update(self, _: nodecheck.ImageCheck) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def render_table(report: nodecheck.VerifyReport) -> str:
+    """STATUS  IMAGE (as the node names it)  WHERE / WHY, then fixes and notes."""
+    rows = []
+    for c in report.images:
+        found, fail = c.found, c.failure
+        if found:
+            where = found.attempt.endpoint.url + (" (default endpoint)" if found.attempt.default else "")
+            if fail:
+                where += f"  [after: {fail.status}]"
+            rows.append(("found", str(c.name), where))
+        else:
+            rows.append(("FAILED", str(c.name), f"{fail.status}: {fail.message}" if fail else "no endpoint"))
+    width = max((len(r[1]) for r in rows), default=5)
+    lines = [f"{'STATUS':<7} {'IMAGE':<{width}}  ENDPOINT / REASON"]
+    lines += [f"{s:<7} {n:<{width}}  {w}" for s, n, w in rows]
+    fixes = list(dict.fromkeys(c.failure.fix for c in report.images if not c.ok and c.failure and c.failure.fix))
+    if fixes:
+        lines.append("")
+        lines += [f"fix: {f}" for f in fixes]
+    notes = list(dict.fromkeys(n for c in report.images for n in c.notes))
+    if notes:
+        lines.append("")
+        lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+

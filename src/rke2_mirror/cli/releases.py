@@ -1,0 +1,141 @@
+"""typer commands for release image lists: `list` and `diff`.
+
+The release-source options (--product, --arch, ...) are the option group `options.RELEASE_LISTS`;
+reading the lists is `base.load_releases`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from rke2_mirror.cli.base import app, client_for, load_releases, read_image_file, run_command
+from rke2_mirror.cli.options import RELEASE_LISTS, SOURCE, JobsOpt, ReleaseOptions, options
+from rke2_mirror.cli.util import stderr_log
+from rke2_mirror.jobs.common import SourceOptions, check_sources
+from rke2_mirror.model.reference import ImageRef
+from rke2_mirror.releases import ImageDiff, Log, diff_refs, release_images
+
+__all__ = ["diff_command", "diff_document", "list_command", "render_diff"]
+
+ReleaseArg = Annotated[str, typer.Argument(
+    metavar="RELEASE", help="A version (v1.28.9+rke2r1) or a channel (stable, latest, v1.28).")]
+SideArg = "A release (version or channel), or an image list file."
+
+
+# --------------------------------------------------------------------------- diff rendering
+
+
+@dataclass(frozen=True)
+class _Side:
+    label: str
+    info: dict[str, Any] = field(hash=False)
+    images: tuple[ImageRef, ...] = ()
+
+
+def _load_side(arg: str, options: ReleaseOptions, client: httpx.Client | None, log: Log) -> _Side:
+    path = Path(arg)
+    if path.is_file():
+        return _Side(str(path), {"file": str(path)}, tuple(read_image_file(path)))
+    source = options.source()
+    r = release_images(arg, source, client, options.arches, options.flavors, log)
+    info = {"release": arg, "version": r.version, "lists": [f.name for f in r.files]}
+    return _Side(r.version, info, r.images)
+
+
+def _ref_version(ref: ImageRef) -> str:
+    out = ref.tag or ""
+    if ref.digest:
+        out += f"@{ref.digest}"
+    return out
+
+
+def render_diff(diff: ImageDiff, old: str, new: str, product: str) -> str:
+    head = (
+        f"{product} {old} -> {new}: {len(diff.added)} added, {len(diff.removed)} removed, "
+        f"{len(diff.changed)} changed, {len(diff.unchanged)} unchanged"
+    )
+    lines = [head]
+    if diff.added:
+        lines += ["added:"] + [f"  + {r}" for r in diff.added]
+    if diff.removed:
+        lines += ["removed:"] + [f"  - {r}" for r in diff.removed]
+    if diff.changed:
+        lines += ["changed:"] + [f"  ~ {c.name}: {_ref_version(c.old)} -> {_ref_version(c.new)}" for c in diff.changed]
+    return "\n".join(lines)
+
+
+def diff_document(diff: ImageDiff, old: _Side, new: _Side, options: ReleaseOptions) -> dict[str, Any]:
+    return {
+        "product": options.product,
+        "arches": list(options.arches),
+        "flavors": list(options.flavors),
+        "old": old.info,
+        "new": new.info,
+        "summary": {
+            "added": len(diff.added),
+            "removed": len(diff.removed),
+            "changed": len(diff.changed),
+            "unchanged": len(diff.unchanged),
+        },
+        **diff.as_dict(),
+    }
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command("list")
+@run_command
+@options(lists=RELEASE_LISTS, source=SOURCE)
+def list_command(
+    *,
+    release: ReleaseArg,
+    lists: ReleaseOptions,
+    check: Annotated[bool, typer.Option("--check", help="Ask the source registries for every image (manifest HEADs "
+                                        "only: no pulls counted against rate limits); exit 1 if any is missing.")] = False,
+    source: SourceOptions,
+    jobs: JobsOpt = 8,
+) -> None:
+    """Print a release's images, one reference per line, verified against its sha256sum-<arch>.txt."""
+    (result,) = load_releases([release], lists, log=stderr_log)
+    if not check:
+        for ref in result.images:
+            typer.echo(str(ref))
+        return
+    checks = check_sources(result.images, source, jobs=jobs)
+    missing = [c for c in checks if c.digest is None]
+    for c in checks:
+        typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else ""))
+    typer.echo(f"{result.version}: {len(checks) - len(missing)} of {len(checks)} images present at the source"
+               + (f", {len(missing)} missing" if missing else ""), err=True)
+    if missing:
+        raise typer.Exit(1)
+
+
+@app.command("diff")
+@run_command
+@options(lists=RELEASE_LISTS)
+def diff_command(
+    *,
+    old: Annotated[str, typer.Argument(metavar="OLD", help=SideArg)],
+    new: Annotated[str, typer.Argument(metavar="NEW", help=SideArg)],
+    lists: ReleaseOptions,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")] = False,
+) -> None:
+    """Images added, removed and changed (same repository, new tag) from OLD to NEW.
+
+    An argument naming an existing file is read as an image list; otherwise it is a release."""
+    with client_for(lists.source(), None) as client:
+        old_side = _load_side(old, lists, client, stderr_log)
+        new_side = _load_side(new, lists, client, stderr_log)
+    diff = diff_refs(old_side.images, new_side.images)
+    if json_output:
+        typer.echo(json.dumps(diff_document(diff, old_side, new_side, lists), indent=2))
+    else:
+        typer.echo(render_diff(diff, old_side.label, new_side.label, lists.product))

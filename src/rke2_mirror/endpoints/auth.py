@@ -1,0 +1,247 @@
+"""Credentials lookup and an httpx.Auth for Basic and Bearer-token registry challenges.
+
+Tokens are cached per scope and attached before a request is sent once the registry's challenge
+is known, so streamed request bodies never need replaying and a run fetches one token per
+repository (not one per request).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+from rke2_mirror.model.errors import AuthError, InputError, TokenError
+
+ENV_USERNAME = "RKE2_MIRROR_USERNAME"
+ENV_PASSWORD = "RKE2_MIRROR_PASSWORD"
+
+_DOCKER_HUB_KEYS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+
+    def __repr__(self) -> str:  # never show a secret, even in a traceback
+        return f"Credentials(username={self.username!r}, password=***)"
+
+    __str__ = __repr__
+
+
+def _normalize_host(key: str) -> str:
+    k = key.strip()
+    if "://" in k:
+        k = urlsplit(k).netloc
+    k = k.split("/", 1)[0].lower()
+    return "docker.io" if k in _DOCKER_HUB_KEYS else k
+
+
+def credentials_from_file(path: Path, host: str) -> Credentials | None:
+    """The entry for `host` in a docker config.json / containers auth.json (None if absent)."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read credentials file {path}: {exc.__class__.__name__}") from None
+    auths = doc.get("auths") if isinstance(doc, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    want = _normalize_host(host)
+    for key, entry in auths.items():
+        if _normalize_host(key) != want or not isinstance(entry, dict):
+            continue
+        user, pw = entry.get("username", ""), entry.get("password", "")
+        if entry.get("auth"):
+            try:
+                decoded = base64.b64decode(entry["auth"]).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise InputError(f"{path}: the 'auth' entry for {key} is not base64 user:password") from None
+            user, _, pw = decoded.partition(":")
+        token = entry.get("identitytoken", "")
+        if user or pw or token:
+            return Credentials(user, pw, token)
+    return None
+
+
+def lookup_credentials(host: str, *, target: bool = False, env: dict[str, str] | None = None,
+                       auth_files: tuple[Path, ...] = ()) -> Credentials | None:
+    """Credentials for `host` (host[:port]): env (target only), `auth_files` (e.g. from a sync config),
+    $REGISTRY_AUTH_FILE, docker config."""
+    env = os.environ if env is None else env
+    if target and env.get(ENV_USERNAME):
+        return Credentials(env[ENV_USERNAME], env.get(ENV_PASSWORD, ""))
+    paths = list(auth_files)
+    if env.get("REGISTRY_AUTH_FILE"):
+        paths.append(Path(env["REGISTRY_AUTH_FILE"]))
+    docker_dir = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else Path.home() / ".docker"
+    paths.append(docker_dir / "config.json")
+    for p in paths:
+        creds = credentials_from_file(p, host)
+        if creds:
+            return creds
+    return None
+
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic"
+    params: dict
+
+    @classmethod
+    def parse(cls, header: str | None) -> "Challenge | None":
+        if not header:
+            return None
+        scheme, _, rest = header.strip().partition(" ")
+        params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+                  for m in _CHALLENGE_PARAM.finditer(rest)}
+        return cls(scheme.lower(), params)
+
+
+_REPO_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
+
+
+def request_scopes(request: httpx.Request, actions: str) -> tuple[str, ...]:
+    m = _REPO_PATH.match(request.url.path)
+    if not m:
+        return ()
+    scopes = [f"repository:{m.group(1)}:{actions}"]
+    mount_from = parse_qs(request.url.query.decode()).get("from")
+    if mount_from:
+        scopes.append(f"repository:{mount_from[0]}:pull")
+    return tuple(scopes)
+
+
+@dataclass
+class _Token:
+    header: str
+    expires: float
+
+
+class RegistryAuth(httpx.Auth):
+    """Basic and Bearer auth for one registry endpoint; thread-safe; token cache per scope set.
+
+    `fetch` is called to get tokens: fetch(url, params, basic_credentials) -> httpx.Response.
+    """
+
+    requires_response_body = False
+
+    def __init__(self, credentials: Credentials | None, actions: str,
+                 fetch: Callable[..., httpx.Response], host: str):
+        self.credentials = credentials
+        self.actions = actions
+        self._fetch = fetch
+        self.host = host
+        self.challenge: Challenge | None = None
+        self._tokens: dict[tuple[str, ...], _Token] = {}
+        self._lock = threading.Lock()
+        self._scope_locks: dict[tuple[str, ...], threading.Lock] = {}
+        self.token_fetches = 0
+
+    @property
+    def scheme(self) -> str | None:
+        return self.challenge.scheme if self.challenge else None
+
+    def _basic_header(self) -> str | None:
+        c = self.credentials
+        if not c or not (c.username or c.password):
+            return None
+        return "Basic " + base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
+
+    def _header_for(self, scopes: tuple[str, ...], force: bool = False) -> str | None:
+        ch = self.challenge
+        if ch is None:
+            return None
+        if ch.scheme == "basic":
+            return self._basic_header()
+        if ch.scheme != "bearer":
+            return None
+        with self._lock:
+            lock = self._scope_locks.setdefault(scopes, threading.Lock())
+        with lock:
+            tok = self._tokens.get(scopes)
+            if tok and not force and tok.expires > time.monotonic():
+                return tok.header
+            tok = self._fetch_token(ch, scopes)
+            self._tokens[scopes] = tok
+            return tok.header
+
+    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...]) -> _Token:
+        realm = ch.params.get("realm")
+        if not realm:
+            raise AuthError(f"{self.host}: bearer challenge without a realm")
+        service = ch.params.get("service")
+        params = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
+        c = self.credentials
+        self.token_fetches += 1
+        if c and c.identity_token:  # OAuth2 refresh-token grant (docker config "identitytoken")
+            form = {"grant_type": "refresh_token", "refresh_token": c.identity_token, "client_id": "rke2-mirror",
+                    "scope": " ".join(scopes), **({"service": service} if service else {})}
+            resp = self._fetch(realm, None, None, data=form)
+        else:
+            basic = (c.username, c.password) if c and (c.username or c.password) else None
+            resp = self._fetch(realm, params, basic)
+        if resp.status_code in (401, 403):
+            who = f"user {c.username!r}" if c and c.username else "anonymous access"
+            raise TokenError(f"{self.host}: the token service at {realm} refused {who} (HTTP {resp.status_code});"
+                             " check the credentials", status=resp.status_code)
+        if resp.status_code >= 400:
+            from rke2_mirror.endpoints.registry import status_error  # local import: registry imports auth
+            raise status_error(resp, f"token service {realm}")
+        try:
+            doc = resp.json()
+            token = doc.get("token") or doc["access_token"]
+        except (ValueError, KeyError, TypeError):
+            raise AuthError(f"{self.host}: the token service at {realm} answered without a token") from None
+        expires_in = doc.get("expires_in") or 60
+        try:
+            expires_in = max(int(expires_in), 10)
+        except (TypeError, ValueError):
+            expires_in = 60
+        # refresh a little early; a token is never used past 90% of its life
+        return _Token(f"Bearer {token}", time.monotonic() + expires_in * 0.9)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if request.url.netloc.decode("ascii") != self.host:
+            yield request  # a redirect to storage/CDN: never send the registry's credentials there
+            return
+        scopes = request_scopes(request, self.actions)
+        header = self._header_for(scopes)
+        if header:
+            request.headers["Authorization"] = header
+        response = yield request
+        if response.status_code != 401:
+            return
+        ch = Challenge.parse(response.headers.get("www-authenticate"))
+        if ch is None or ch.scheme not in ("bearer", "basic"):
+            return
+        if ch.scheme == "bearer" and ch.params.get("scope"):
+            extra = tuple(s for s in ch.params["scope"].split(" ") if s and s not in scopes)
+            scopes = scopes + extra
+        old = self.challenge
+        first_time = old is None or (old.scheme, old.params.get("realm"), old.params.get("service")) != (
+            ch.scheme, ch.params.get("realm"), ch.params.get("service"))
+        if first_time:
+            self.challenge = Challenge(ch.scheme, {k: v for k, v in ch.params.items() if k != "scope"})
+        new_header = self._header_for(scopes, force=not first_time)
+        if not new_header or new_header == header:
+            return  # nothing new to try: the 401 stands
+        if request.stream is not None and not isinstance(request.stream, httpx.ByteStream):
+            return  # a streamed body cannot be replayed: the caller retries the whole operation
+        request.headers["Authorization"] = new_header
+        yield request

@@ -1,0 +1,326 @@
+"""A sync run: take the lock (``fcntl.flock``: the kernel drops it when the holder dies), resolve each
+followed release (channel -> version), merge the image sets, keep this shard's part, run the copy
+engine once, split its report per release, then write the outputs atomically (JSON report,
+node-exporter textfile, registries.yaml / config.yaml).  Nothing is ever deleted from the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import rke2_mirror.files as files
+import rke2_mirror.yamlsafe as yamlsafe
+import rke2_mirror.jobs.common as jobs
+import rke2_mirror.jobs.mirror as mirror_job
+from rke2_mirror.endpoints.auth import Credentials, credentials_from_file
+from rke2_mirror.endpoints.routing import parse_source_endpoints
+from rke2_mirror.engine.cancel import Cancel, Interrupted
+from rke2_mirror.engine.copy import CopyOptions, ImageResult, Progress, Report
+from rke2_mirror.engine.retry import RetryPolicy
+from rke2_mirror.jobs.sync.config import LoadedConfig, SyncConfig, load_config, shard_path
+from rke2_mirror.jobs.sync.lock import SyncLock
+from rke2_mirror.jobs.sync.report import (EXIT_OK, ImageSet, SyncResult, build_report, report_messages, write_atomic,
+                                          write_textfile)
+from rke2_mirror.model.errors import InputError, MirrorError
+from rke2_mirror.model.oci import Platform
+from rke2_mirror.model.reference import ImageRef, merge_refs, parse_image_lines, target_ref
+from rke2_mirror.model.reference import shard as shard_refs
+from rke2_mirror.node.registries import load_yaml_mapping
+from rke2_mirror.node.versions import RKE2Version
+from rke2_mirror.node.writer import (NodeConfig, build_registries, dump_registries, registries_have_auth,
+                                     set_system_default_registry)
+from rke2_mirror.releases import ReleaseSource, release_images
+
+Log = Callable[[str], None]
+
+
+# =============================================================================================
+# Credentials: resolved at run time, scoped to the run, never logged
+
+
+def target_credentials(cfg: LoadedConfig, env: Mapping[str, str] | None = None) -> Credentials | None:
+    spec = cfg.config.target.credentials
+    if spec is None:
+        return None
+    env = os.environ if env is None else env
+    if spec.env is not None:
+        missing = [v for v in (spec.env.username, spec.env.password) if not env.get(v)]
+        if missing:
+            raise InputError(f"target.credentials.env: environment variable(s) {', '.join(missing)} not set "
+                             f"(config {cfg.path})")
+        return Credentials(env[spec.env.username], env[spec.env.password])
+    path = Path(spec.file or "")
+    if not path.is_file():
+        raise InputError(f"target.credentials.file {path}: no such file (config {cfg.path})")
+    creds = credentials_from_file(path, cfg.target.host)
+    if creds is None:
+        raise InputError(f"target.credentials.file {path}: no 'auths' entry for {cfg.target.host}")
+    if not creds.username or not creds.password:
+        raise InputError(f"target.credentials.file {path}: the entry for {cfg.target.host} needs a username and "
+                         "password (or 'auth'); identity tokens are not supported for the target")
+    return creds
+
+
+def source_auth_file(cfg: LoadedConfig) -> str | None:
+    """The sources' credentials file named by the config (checked to exist)."""
+    src = cfg.config.sources.credentials
+    if src is None:
+        return None
+    if not Path(src.file).is_file():
+        raise InputError(f"sources.credentials.file {src.file}: no such file (config {cfg.path})")
+    return src.file
+
+
+# =============================================================================================
+# Resolving what to mirror
+
+
+def _release_client() -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(30.0, connect=15.0), follow_redirects=True,
+                        headers={"User-Agent": "rke2-mirror"})
+
+
+def resolve_image_sets(cfg: LoadedConfig, log: Log = lambda s: None,
+                       client: httpx.Client | None = None) -> list[ImageSet]:
+    """Each followed release (channel -> version, lists verified against their checksums) and each extra list."""
+    c = cfg.config
+    sets: list[ImageSet] = []
+    own = None
+    if client is None and any(not r.offline for r in c.releases):
+        client = own = _release_client()
+    try:
+        for spec in c.releases:
+            source = ReleaseSource.default(spec.product, spec.release_url, spec.channel_url, c.lists_dir, spec.offline)
+            for rel in spec.followed:
+                r = release_images(rel, source, None if spec.offline else client, spec.arches, spec.flavors, log)
+                name = f"{spec.product} {rel}"
+                log(f"{name}: {r.version} ({len(r.images)} images)" if rel != r.version
+                    else f"{name}: {len(r.images)} images")
+                sets.append(ImageSet(name, r.images, spec.product, rel, r.version, tuple(f.name for f in r.files)))
+    finally:
+        if own is not None:
+            own.close()
+    for f in c.images:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"images: {f}: cannot read ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+        refs = parse_image_lines(text, origin=f)
+        sets.append(ImageSet(f"images {f}", tuple(refs), file=f))
+    return sets
+
+
+def _read(path: Path, *, replaceable: bool = False) -> str | None:
+    """An output node file's current text ("" when missing), reading no more than `yamlsafe.MAX_BYTES`.
+    Too large or not UTF-8: an InputError naming it, or None when the file is only `replaceable` (compared
+    with what is written, not merged)."""
+    try:
+        return yamlsafe.read_text(path)
+    except FileNotFoundError:
+        return ""
+    except yamlsafe.YAMLRefused as exc:
+        if replaceable:
+            return None
+        raise InputError(exc.describe(str(path))) from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
+
+
+def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence[ImageSet],
+                     creds: Credentials | None, log: Log,
+                     paths: tuple[Path | None, Path | None] | None = None) -> list[str]:
+    """(Re)write registries.yaml / config.yaml from the config: at the config's outputs, or at
+    `paths` = (registries.yaml, config.yaml), either None to skip it.  A file is left untouched when its
+    content would not change.  Returns the files written."""
+    c, out = cfg.config, cfg.config.outputs
+    target = cfg.target
+    changed: list[str] = []
+    if paths is None:
+        paths = (Path(out.registries_yaml) if out.registries_yaml else None,
+                 Path(out.config_yaml) if out.config_yaml else None)
+    registries_yaml, config_yaml = paths
+    if registries_yaml:
+        path = registries_yaml
+        version = RKE2Version.parse(c.node.rke2_version) if c.node.rke2_version else None
+        if version is None:
+            found = [v for s in sets if s.product == "rke2" and (v := RKE2Version.try_parse(s.version))]
+            version = min(found) if found else None
+            if len(set(found)) > 1:
+                log(f"registries.yaml: several RKE2 versions followed; written for the oldest, {version}")
+        if c.node.with_auth and creds is None:
+            raise InputError("node.with_auth: true needs target.credentials in the config")
+        old = _read(path, replaceable=not c.node.merge)
+        existing = load_yaml_mapping(old, str(path)) if c.node.merge and old else None
+        node_cfg = NodeConfig.for_images(target, refs, node_ca_file=c.node.ca_file,
+                                         insecure_skip_verify=c.node.insecure_skip_verify,
+                                         auth=creds if c.node.with_auth else None,
+                                         system_default_registry=c.node.system_default_registry, rke2_version=version)
+        doc, warnings = build_registries(node_cfg, existing)
+        text = dump_registries(doc, node_cfg)
+        secret = registries_have_auth(doc)
+        mode = 0o600 if secret else files.existing_mode(path, 0o644)
+        for w in warnings:
+            log(f"registries.yaml: warning: {w}")
+        if text != old or files.existing_mode(path, mode) != mode:
+            write_atomic(path, text, mode)
+            changed.append(str(path))
+            log(f"wrote {path}" + (" (mode 0600: it holds credentials)" if secret else ""))
+    if config_yaml:
+        path = config_yaml
+        old = _read(path) or ""
+        new = set_system_default_registry(old, target.host if c.node.system_default_registry else None, str(path))
+        if new != old:
+            write_atomic(path, new, files.existing_mode(path, 0o600))
+            changed.append(str(path))
+            log(f"wrote {path} (system-default-registry: "
+                f"{target.host if c.node.system_default_registry else 'removed'})")
+    return changed
+
+
+# =============================================================================================
+# The job
+
+
+def _tls(ca: str | None, insecure: bool, section: str) -> jobs.TLSOptions:
+    if ca is not None and not Path(ca).is_file():
+        raise InputError(f"{section}.ca_file {ca}: no such file")
+    return jobs.TLSOptions(ca, insecure, (f"{section}.ca_file:", f"{section}.insecure_skip_verify: true"))
+
+
+def copy_options(cfg: SyncConfig, dry_run: bool = False, jobs_override: int | None = None,
+                 cancel: Cancel | None = None) -> CopyOptions:
+    n = jobs_override or cfg.copy.jobs
+    return CopyOptions(platforms=tuple(Platform.parse(p) for p in cfg.copy.platforms),
+                       signatures=cfg.copy.signatures, jobs=n, blob_jobs=max(4, n * 2), dry_run=dry_run,
+                       retry=RetryPolicy(attempts=cfg.copy.retries, timeout=cfg.copy.timeout), cancel=cancel)
+
+
+def check_outputs_writable(cfg: LoadedConfig, shard: tuple[int, int] | None = None) -> None:
+    """Fail before copying anything, not after, when an output cannot be written."""
+    out = cfg.config.outputs
+    for key, value in (("report", out.report), ("textfile", out.textfile), ("registries_yaml", out.registries_yaml),
+                       ("config_yaml", out.config_yaml)):
+        if not value:
+            continue
+        path = shard_path(Path(value), shard) if key in ("report", "textfile") else Path(value)
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"outputs.{key}: cannot write {path} ({parent} is not a writable directory)")
+
+
+def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentials | None = None,
+                max_rps: float | None = None, pull_floor: int | None = None, jobs_override: int | None = None,
+                dry_run: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
+                cancel: Cancel | None = None) -> Report:
+    """One engine run of `refs` into the config's target, with its TLS, sources, credentials and limits
+    (the arguments given here override the config's); `cancel` interrupts it."""
+    c = cfg.config
+    creds = creds if creds is not None else target_credentials(cfg)
+    target_tls = _tls(c.target.ca_file, c.target.insecure_skip_verify, "target")
+    source = jobs.SourceOptions(_tls(c.sources.ca_file, c.sources.insecure_skip_verify, "sources"),
+                                parse_source_endpoints(f"{k}={u}" for k, u in c.sources.endpoints.items()),
+                                source_auth_file(cfg))
+    options = copy_options(c, dry_run, jobs_override, cancel)
+    return mirror_job.mirror(refs, cfg.target, target_tls=target_tls, source=source, options=options,
+                       public_projects=c.target.public_projects, progress=progress, log=log,
+                       max_rps=max_rps if max_rps is not None else c.copy.max_rps,
+                       pull_floor=pull_floor if pull_floor is not None else c.copy.pull_floor,
+                       target_credentials=creds)
+
+
+def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps: float | None = None,
+             pull_floor: int | None = None, jobs_override: int | None = None, dry_run: bool = False,
+             progress: Progress | None = None, log: Log = lambda s: None,
+             release_client: httpx.Client | None = None, clock: Callable[[], float] = time.time,
+             cancel: Cancel | None = None) -> SyncResult:
+    """One sync run (the caller holds the lock).  Bad config or an unusable target raises InputError;
+    image failures are in the result (exit code 1).
+
+    Interrupted (`cancel` set, e.g. by a signal handler, or `Interrupted` raised in this thread): the
+    report and the textfile are still written, with result "interrupted", exit code 130 (SIGINT) or 143
+    (SIGTERM) and the unfinished images `interrupted`; the node files are not.  An interrupted engine run
+    is returned as that result; an interruption outside the engine re-raises `Interrupted` once they are
+    written."""
+    c = cfg.config
+    cancel = cancel if cancel is not None else Cancel()  # the engine sets it when Interrupted reaches it
+    started, t0 = clock(), time.monotonic()
+    target = cfg.target
+    labels = {"config": cfg.path.stem, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})}
+    textfile = shard_path(Path(c.outputs.textfile), shard) if c.outputs.textfile and not dry_run else None
+    sets: list[ImageSet] = []
+    all_refs: list[ImageRef] = []
+    refs: list[ImageRef] = []
+    creds: Credentials | None = None
+
+    def finish(report: Report, interrupt_exit_code: int) -> SyncResult:
+        finished, seconds = clock(), time.monotonic() - t0
+        doc = build_report(report, sets, config=cfg.path, target=str(target), shard=shard, dry_run=dry_run,
+                           started=started, finished=finished, seconds=seconds,
+                           interrupt_exit_code=interrupt_exit_code)
+        messages = report_messages(doc)
+        if not dry_run:
+            if (c.outputs.registries_yaml or c.outputs.config_yaml) and not report.interrupted:
+                doc["node_files_written"] = write_node_files(cfg, all_refs, sets, creds, log)
+            if c.outputs.report:
+                write_atomic(shard_path(Path(c.outputs.report), shard), json.dumps(doc, indent=2) + "\n", 0o644)
+            if textfile is not None:
+                write_textfile(textfile, labels=labels, finished=finished, success=doc["exit_code"] == EXIT_OK,
+                               summary=doc["summary"], seconds=seconds, rate_limit=report.rate_limit, releases=sets)
+        return SyncResult(doc, doc["exit_code"], messages)
+
+    try:
+        if not dry_run:
+            check_outputs_writable(cfg, shard)
+        creds = target_credentials(cfg)
+        source_auth_file(cfg)  # checked before any download
+        sets = resolve_image_sets(cfg, log, release_client)
+        all_refs = merge_refs(*[list(s.images) for s in sets])
+        refs = shard_refs(all_refs, *shard) if shard else all_refs
+        if shard:
+            log(f"shard {shard[0]}/{shard[1]}: {len(refs)} of {len(all_refs)} images")
+        if cancel.is_set():
+            raise Interrupted(cancel.signum or signal.SIGINT)
+        report = mirror_refs(cfg, refs, creds=creds, max_rps=max_rps, pull_floor=pull_floor,
+                             jobs_override=jobs_override, dry_run=dry_run, progress=progress, log=log, cancel=cancel)
+    except MirrorError as exc:
+        if textfile is not None:  # monitoring sees the failed run; the last success is kept
+            finished = clock()
+            try:
+                write_textfile(textfile, labels=labels, finished=finished, success=False, summary=None,
+                               seconds=time.monotonic() - t0, rate_limit=None, releases=sets)
+            except InputError as werr:
+                log(f"warning: {werr}")
+        raise exc
+    except Interrupted as exc:
+        if not dry_run:
+            try:
+                unfinished = [ImageResult(str(r), str(target_ref(r, target)), "interrupted",
+                                          error="not started: the run was interrupted") for r in refs]
+                finish(Report(unfinished, interrupted=signal.Signals(exc.signum).name), exc.exit_code)
+            except MirrorError as werr:
+                log(f"warning: {werr}")
+        raise
+    return finish(report, cancel.exit_code)
+
+
+def sync(config_path: Path | str, *, shard: tuple[int, int] | None = None, lock_path: Path | None = None,
+         log: Log = lambda s: None, cancel: Cancel | None = None, **kw: Any) -> SyncResult:
+    """Load the config, take its lock (LockHeld, exit 3, if another run has it), run; the lock is released
+    however the run ends (an `Interrupted` unwinding included)."""
+    cfg = load_config(config_path)
+    lock = SyncLock(cfg.lock_path(shard, lock_path), f"rke2-mirror sync of {cfg.path}")
+    lock.acquire(log)
+    try:
+        return run_sync(cfg, shard=shard, log=log, cancel=cancel, **kw)
+    finally:
+        lock.release()

@@ -1,0 +1,404 @@
+"""Release image lists: channels, release assets, checksum verification, the lists/ cache.
+
+An RKE2 (or k3s) release publishes its image lists as release assets, e.g.
+``<release-url>/v1.28.9+rke2r1/rke2-images-all.linux-amd64.txt``, next to ``sha256sum-<arch>.txt``.
+Every list is checked against that checksum file. A mismatch, or a list the file does not name,
+is an ``InputError`` (exit 2). Nothing can switch that check off.
+
+Verified lists are kept, with their checksum file, under ``<lists-dir>/<product>/<version>/``.
+``offline`` reads only that cache and verifies each list against the cached checksum file again.
+
+No typer, no tqdm. Notes go through a ``log`` callback, and HTTP goes through an injected ``httpx.Client``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from rke2_mirror.model import jsondoc
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.model.reference import ImageRef, merge_refs, parse_image_lines
+from rke2_mirror.releases.products import (
+    DEFAULT_ARCHES,
+    DEFAULT_FLAVORS,
+    PRODUCTS,
+    VERSION_RE,
+    Product,
+    check_arches,
+    check_flavors,
+)
+from rke2_mirror.releases.source import (
+    CHANNELS_MAX_BYTES,
+    CHECKSUMS_MAX_BYTES,
+    LIST_MAX_BYTES,
+    Log,
+    ReleaseSource,
+    cache_write,
+    cached_versions,
+    http_get,
+    read_capped,
+)
+
+# The docker-tag spelling of a version (`+` is not allowed in tags): v1.28.9-rke2r1.
+_DOCKERIZED_RE = re.compile(r"^(v\d+\.\d+\.\d+(?:-rc\d+)?)-((?:rke2r|k3s)\d+)$")
+_BARE_VERSION_RE = re.compile(r"^v?\d+\.\d+\.\d+$")
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAX_LISTED = 100  # channels named in an "unknown channel" message
+_CHECKSUM_LINE_RE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(?:\./)?(\S+)$")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ListFile:
+    """One verified image list."""
+
+    name: str  # asset name, e.g. rke2-images-all.linux-amd64.txt
+    arch: str
+    flavor: str
+    sha256: str
+    origin: str  # the URL it was downloaded from, or the cache path it was read from
+    count: int  # references in it
+
+
+@dataclass(frozen=True)
+class ReleaseImages:
+    """A release's images: what was asked, what it resolved to, what was read."""
+
+    product: str
+    release: str  # as given: a version or a channel
+    version: str  # the version it resolved to
+    images: tuple[ImageRef, ...]
+    files: tuple[ListFile, ...]
+
+
+@dataclass(frozen=True)
+class Change:
+    """The same repository with another tag (or digest)."""
+
+    old: ImageRef
+    new: ImageRef
+
+    @property
+    def name(self) -> str:
+        return self.new.name
+
+
+@dataclass(frozen=True)
+class ImageDiff:
+    added: tuple[ImageRef, ...]
+    removed: tuple[ImageRef, ...]
+    changed: tuple[Change, ...]
+    unchanged: tuple[ImageRef, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+    def as_dict(self) -> dict:
+        return {
+            "added": [str(r) for r in self.added],
+            "removed": [str(r) for r in self.removed],
+            "changed": [
+                {
+                    "name": c.name,
+                    "old": str(c.old),
+                    "new": str(c.new),
+                    "old_tag": c.old.tag,
+                    "new_tag": c.new.tag,
+                    "old_digest": c.old.digest,
+                    "new_digest": c.new.digest,
+                }
+                for c in self.changed
+            ],
+            "unchanged": [str(r) for r in self.unchanged],
+        }
+
+
+# --------------------------------------------------------------------------- parsing (pure)
+
+
+def parse_release(text: str) -> tuple[str, bool]:
+    """``(value, is_channel)``. ``v1.28.9+rke2r1`` is a version, and so is ``v1.28.9-rke2r1``, written
+    back with its ``+``. ``stable``, ``latest`` and ``v1.28`` are channels."""
+    s = text.strip()
+    if VERSION_RE.match(s):
+        return s, False
+    m = _DOCKERIZED_RE.match(s)
+    if m:
+        return f"{m[1]}+{m[2]}", False
+    if _CHANNEL_RE.match(s):
+        return s, True
+    raise InputError(f"invalid release {text!r}: give a version like v1.28.9+rke2r1 or a channel like stable")
+
+
+def parse_checksums(text: str, origin: str) -> dict[str, str]:
+    """Parse ``sha256sum`` output: ``<hex>  <name>`` per line. Returns name -> lower-case hex."""
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _CHECKSUM_LINE_RE.match(line.strip())
+        if not m:
+            raise InputError(f"{origin}:{lineno}: not a sha256sum line: {line.strip()[:80]!r}")
+        out[m[2]] = m[1].lower()
+    return out
+
+
+def parse_channels(raw: bytes, url: str) -> dict[str, str]:
+    """A rancher/apiserver channel collection -> ``{id: latest}``, in the server's order.  Parsed with
+    `jsondoc.loads`: too large, not JSON, nested too deep, not an object: one InputError line."""
+    doc = jsondoc.loads(raw, f"channel server {url}", limit=CHANNELS_MAX_BYTES, error=InputError, expect=dict)
+    data = doc.get("data")
+    if not isinstance(data, list):
+        raise InputError(f"channel server {url}: no 'data' list in its answer")
+    channels: dict[str, str] = {}
+    for entry in data:
+        # an id no `parse_release` can ask for (a newline, a megabyte) is left out: messages list the ids
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and _CHANNEL_RE.match(entry["id"]):
+            latest = entry.get("latest")
+            channels[entry["id"]] = latest if isinstance(latest, str) else ""
+    return channels
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def diff_refs(old: Sequence[ImageRef], new: Sequence[ImageRef]) -> ImageDiff:
+    """Added, removed and changed images (a changed one keeps its repository and gets a new tag or digest).
+
+    When a repository has several references on one side, they are paired in list order, and what is
+    left over counts as added or removed."""
+    old_u, new_u = merge_refs(list(old)), merge_refs(list(new))
+    old_set, new_set = set(old_u), set(new_u)
+    gone = [r for r in old_u if r not in new_set]
+    came = [r for r in new_u if r not in old_set]
+    waiting: dict[str, list[ImageRef]] = {}
+    for r in came:
+        waiting.setdefault(r.name, []).append(r)
+    changed: list[Change] = []
+    removed: list[ImageRef] = []
+    paired: set[ImageRef] = set()
+    for r in gone:
+        bucket = waiting.get(r.name)
+        if bucket:
+            n = bucket.pop(0)
+            paired.add(n)
+            changed.append(Change(r, n))
+        else:
+            removed.append(r)
+    return ImageDiff(
+        added=tuple(r for r in came if r not in paired),
+        removed=tuple(removed),
+        changed=tuple(changed),
+        unchanged=tuple(r for r in old_u if r in new_set),
+    )
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def fetch_channels(source: ReleaseSource, client: httpx.Client) -> dict[str, str]:
+    raw = http_get(client, source.channel_url, CHANNELS_MAX_BYTES, "a channel server's answer")
+    if raw is None:
+        raise InputError(f"channel server {source.channel_url}: not found (HTTP 404)")
+    return parse_channels(raw, source.channel_url)
+
+
+def resolve_version(release: str, source: ReleaseSource, client: httpx.Client | None, log: Log = _quiet) -> str:
+    """A version is returned as is. A channel is looked up at the channel server, which gives its latest version."""
+    value, is_channel = parse_release(release)
+    if not is_channel:
+        return value
+    if source.offline:
+        have = cached_versions(source)
+        hint = f" (cached {source.product} versions: {', '.join(have)})" if have else ""
+        raise InputError(
+            f"{value!r} is a channel, and channels can't be resolved offline: give a version instead{hint}"
+        )
+    if client is None:
+        raise ValueError("resolve_version: an httpx.Client is needed online")
+    channels = fetch_channels(source, client)
+    if value not in channels:
+        hint = ""
+        if _BARE_VERSION_RE.match(value):
+            suffix = "rke2r1" if source.product == "rke2" else "k3s1"
+            hint = f"; a version needs its build suffix, e.g. {value}+{suffix}"
+        known = ", ".join(list(channels)[:_MAX_LISTED]) or "(none)"
+        if len(channels) > _MAX_LISTED:
+            known += f", and {len(channels) - _MAX_LISTED} more"
+        raise InputError(f"unknown {source.product} channel {value!r} at {source.channel_url}{hint}; channels: {known}")
+    latest = channels[value]
+    if not VERSION_RE.match(latest):
+        shown = repr(latest) if len(latest) <= 100 else repr(latest[:100]) + "..."
+        raise InputError(f"channel {value!r} at {source.channel_url} has no usable latest version ({shown})")
+    log(f"{source.product} channel {value} -> {latest}")
+    return latest
+
+
+# --------------------------------------------------------------------------- reading one release
+
+
+def _wrong_product_hint(version: str, product: str) -> str:
+    for other in PRODUCTS:
+        if other != product and f"+{other}" in version:
+            return f" ({version} looks like a {other} version: add --product {other})"
+    return ""
+
+
+@dataclass(frozen=True)
+class ReleaseFetcher:
+    """Reads one release's assets online (and caches them) or from the cache (offline)."""
+
+    source: ReleaseSource
+    version: str
+    client: httpx.Client | None
+    log: Log
+
+    def _where(self) -> str:
+        if self.source.offline:
+            return str(self.source.cache_dir(self.version))
+        return self.source.release_dir_url(self.version)
+
+    def checksums(self, arch: str) -> tuple[str, dict[str, str]]:
+        name = Product.checksum_asset(arch)
+        if self.source.offline:
+            path = self.source.cache_dir(self.version) / name
+            try:
+                raw = read_capped(path, CHECKSUMS_MAX_BYTES, "a checksum file")
+            except FileNotFoundError:
+                raise InputError(
+                    f"no cached {name} for {self.source.product} {self.version} in {path.parent}: offline use needs the "
+                    f"lists fetched on a connected machine (rke2-mirror list {self.version} --product "
+                    f"{self.source.product} --arch {arch}) and that directory copied here (--lists-dir)"
+                ) from None
+            except OSError as exc:
+                raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+            origin = str(path)
+        else:
+            assert self.client is not None
+            url = self.source.asset_url(self.version, name)
+            raw = http_get(self.client, url, CHECKSUMS_MAX_BYTES, "a checksum file")
+            if raw is None:
+                for_arch = f" for {arch}" if arch != "amd64" else ""
+                raise InputError(
+                    f"release {self.version} not found at {self.source.release_url}{for_arch} (no {name})"
+                    + _wrong_product_hint(self.version, self.source.product)
+                )
+            origin = url
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{origin}: not a text checksum file") from None
+        sums = parse_checksums(text, origin)
+        if not self.source.offline:
+            cache_write(self.source.cache_dir(self.version) / name, raw, self.log)
+        return origin, sums
+
+    def _flavor_error(self, asset: str, flavor: str, arch: str, sums: Mapping[str, str]) -> InputError:
+        flavors = self.source.spec.published_flavors(sums, arch)
+        return InputError(
+            f"{self.source.product} {self.version} publishes no {flavor!r} image list for {arch} ({asset}); "
+            f"flavors it publishes for {arch}: {', '.join(flavors) or '(none)'}"
+        )
+
+    def _unnamed_error(self, asset: str, arch: str, where: str) -> InputError:
+        return InputError(
+            f"{asset} of {self.source.product} {self.version} is not named in {Product.checksum_asset(arch)} "
+            f"({where}): refusing an image list that cannot be verified"
+        )
+
+    def list_bytes(self, asset: str, flavor: str, arch: str, sums: Mapping[str, str]) -> tuple[str, bytes]:
+        """The list's bytes and where they came from, not yet verified."""
+        if self.source.offline:
+            path = self.source.cache_dir(self.version) / asset
+            if asset not in sums:
+                if path.is_file():
+                    raise self._unnamed_error(asset, arch, str(path.parent))
+                raise self._flavor_error(asset, flavor, arch, sums)
+            try:
+                return str(path), read_capped(path, LIST_MAX_BYTES, "an image list")
+            except FileNotFoundError:
+                raise InputError(
+                    f"{asset} of {self.source.product} {self.version} is not in the cache ({path.parent}); "
+                    f"fetch it on a connected machine first"
+                ) from None
+            except OSError as exc:
+                raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        assert self.client is not None
+        url = self.source.asset_url(self.version, asset)
+        if asset not in sums:
+            # Published but unnamed (refused), or not published at all (say which flavors are)?
+            if http_get(self.client, url, LIST_MAX_BYTES, "an image list") is None:
+                raise self._flavor_error(asset, flavor, arch, sums)
+            raise self._unnamed_error(asset, arch, self._where())
+        data = http_get(self.client, url, LIST_MAX_BYTES, "an image list")
+        if data is None:
+            raise InputError(
+                f"{asset} of {self.source.product} {self.version} is named in {Product.checksum_asset(arch)} "
+                f"but missing at {url} (HTTP 404)"
+            )
+        return url, data
+
+
+def verify_list(asset: str, data: bytes, expected: str, checksum_name: str, origin: str, what: str) -> str:
+    actual = sha256_hex(data)
+    if actual != expected:
+        raise InputError(
+            f"{asset} of {what} does not match {checksum_name}: expected sha256 {expected}, "
+            f"got sha256 {actual} (from {origin}); refusing it"
+        )
+    return actual
+
+
+def release_images(
+    release: str,
+    source: ReleaseSource,
+    client: httpx.Client | None,
+    arches: Sequence[str] = DEFAULT_ARCHES,
+    flavors: Sequence[str] = DEFAULT_FLAVORS,
+    log: Log = _quiet,
+) -> ReleaseImages:
+    """The verified images of one release for the given arches × flavors, merged with duplicates removed,
+    in stable order (arch by arch, flavor by flavor, each list in its own order)."""
+    arches_t, flavors_t = check_arches(arches), check_flavors(flavors)
+    spec = source.spec
+    assets = [(arch, flavor, spec.list_asset(flavor, arch)) for arch in arches_t for flavor in flavors_t]
+    version = resolve_version(release, source, client, log)
+    if not source.offline and client is None:
+        raise ValueError("release_images: an httpx.Client is needed online")
+    fetcher = ReleaseFetcher(source, version, client, log)
+    what = f"{source.product} {version}"
+    checksums: dict[str, dict[str, str]] = {}
+    files: list[ListFile] = []
+    lists: list[list[ImageRef]] = []
+    for arch, flavor, asset in assets:
+        if arch not in checksums:
+            checksums[arch] = fetcher.checksums(arch)[1]
+        sums = checksums[arch]
+        origin, data = fetcher.list_bytes(asset, flavor, arch, sums)
+        digest = verify_list(asset, data, sums[asset], Product.checksum_asset(arch), origin, what)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{asset} of {what}: not UTF-8 text") from None
+        refs = parse_image_lines(text, origin=f"{version}/{asset}")
+        if not source.offline:
+            cache_write(source.cache_dir(version) / asset, data, log)
+        log(f"{what}: {asset} verified ({len(refs)} images, sha256 {digest[:12]})")
+        files.append(ListFile(asset, arch, flavor, digest, origin, len(refs)))
+        lists.append(refs)
+    if source.offline:
+        log(f"{what}: read from the cache in {source.cache_dir(version)}")
+    return ReleaseImages(source.product, release, version, tuple(merge_refs(*lists)), tuple(files))
