@@ -660,3 +660,16 @@ def test_load_creates_harbor_projects(source, harbor, pki, rke2_mirror_env, tmp_
     assert "rancher" in harbor.projects and harbor.projects["rancher"].public is False
     got = read_manifest(harbor.url, "rancher/multi", "v1", auth=("admin", "Harbor12345"), verify=harbor.ca_file)
     assert got[2] == source.multi.digest
+
+
+def test_save_never_writes_through_a_link_planted_at_its_partial_name(source, tmp_path):
+    """Anyone who can write into the output directory could plant FILE.tar.partial -> /etc/something:
+    the root job must remove the link and create its own file, never write through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    out = tmp_path / "out.tar"
+    (tmp_path / "out.tar.partial").symlink_to(victim)
+    code, _, err = save(source, out)
+    assert code == 0, err
+    assert victim.read_text() == "precious\n"
+    assert out.is_file() and not out.is_symlink() and not (tmp_path / "out.tar.partial").exists()

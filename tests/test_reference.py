@@ -77,3 +77,16 @@ def test_parse_image_lines_names_file_and_line():
 def test_merge_refs_keeps_first_order():
     a, b, c = (ImageRef.parse(x) for x in ("a", "b", "c"))
     assert merge_refs([b, a], [a, c, b]) == [b, a, c]
+
+
+@pytest.mark.parametrize("text", ["https://admin:Hunter2-Secret@harbor.example", "admin:Hunter2-Secret@harbor.example",
+                                  "ftp://admin:Hunter2-Secret@harbor.example"])
+def test_a_password_typed_into_a_url_is_never_echoed(text):
+    with pytest.raises(InputError) as info:
+        RegistryURL.parse(text, what="--to")
+    assert "Hunter2" not in str(info.value) and "***@" in str(info.value)
+
+
+def test_whitespace_inside_a_url_is_refused_not_dropped():
+    with pytest.raises(InputError, match="whitespace"):
+        RegistryURL.parse("https://harbor.exa\nmple", what="--to")

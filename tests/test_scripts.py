@@ -151,6 +151,7 @@ SCHEMA: dict[str, dict[str, str | None]] = {
     # kind: {field: schema of its value (None: a leaf or a free-form map)}
     "ConfigMap": {"apiVersion": None, "kind": None, "metadata": "ObjectMeta", "data": None, "binaryData": None,
                   "immutable": None},
+    "Namespace": {"apiVersion": None, "kind": None, "metadata": "ObjectMeta", "spec": None},
     "Secret": {"apiVersion": None, "kind": None, "metadata": "ObjectMeta", "data": None, "stringData": None,
                "type": None, "immutable": None},
     "CronJob": {"apiVersion": None, "kind": None, "metadata": "ObjectMeta", "spec": "CronJobSpec"},
@@ -190,7 +191,7 @@ SCHEMA: dict[str, dict[str, str | None]] = {
     "KeyToPath": {"key": None, "path": None, "mode": None},
     "EmptyDir": {"medium": None, "sizeLimit": None},
 }
-API_VERSIONS = {"ConfigMap": "v1", "Secret": "v1", "CronJob": "batch/v1", "Job": "batch/v1",
+API_VERSIONS = {"ConfigMap": "v1", "Namespace": "v1", "Secret": "v1", "CronJob": "batch/v1", "Job": "batch/v1",
                 "Kustomization": "kustomize.config.k8s.io/v1beta1"}
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -226,7 +227,7 @@ def pod_specs(doc: dict) -> dict:
 
 def test_manifests_have_the_structure_kubectl_validates():
     found = manifests()
-    assert {"cronjob.yaml", "indexed-job.yaml", "configmap.yaml", "secret.yaml"} <= set(found)
+    assert {"cronjob.yaml", "indexed-job.yaml", "configmap.yaml", "secret.yaml", "namespace.yaml"} <= set(found)
     for name, docs in found.items():
         for doc in docs:
             kind = doc.get("kind")
@@ -318,8 +319,41 @@ def test_manifests_pass_kubernetes_schema_validation():
 def test_kustomization_builds():
     proc = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(proc.stdout)]
-    assert sorted(kinds) == ["ConfigMap", "CronJob", "Secret"]
+    docs = list(yaml.safe_load_all(proc.stdout))
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "CronJob", "Namespace"]  # the Secret is the operator's
+    assert all(d["metadata"].get("namespace") == "rke2-mirror" for d in docs if d["kind"] != "Namespace")
+    kustom = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (image,) = kustom["images"]
+    (cron,) = [d for d in docs if d["kind"] == "CronJob"]
+    assert pod_specs(cron)["containers"][0]["image"] == f"{image['newName']}:{image['newTag']}"
+
+
+def test_kustomization_keeps_the_real_secret_and_creates_the_namespace():
+    """`kubectl apply -k scripts/k8s` after `kubectl create secret ...` (the README's order) must not replace
+    the real Secret with a placeholder, and must create the namespace everything goes into."""
+    kustom = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = [d for r in kustom["resources"] for d in yaml.safe_load_all((K8S / r).read_text()) if d]
+    placeholders = ("CHANGE-ME", "changeme", "example.com")
+    for d in listed:
+        if d["kind"] == "Secret":
+            body = json.dumps({k: d.get(k) for k in ("data", "stringData")})
+            assert not any(p in body for p in placeholders), f"kustomization.yaml applies the placeholder Secret {d['metadata']['name']}"
+    assert not any(d["kind"] == "Secret" for d in listed), "the credentials Secret is created by the operator, not by apply -k"
+    for gen in kustom.get("secretGenerator", []):  # allowed only from local files git does not track
+        for f in gen.get("files", []) + gen.get("envs", []):
+            path = K8S / f.split("=", 1)[-1]
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+            assert ignored.returncode == 0, f"secretGenerator reads {path}, which git would track"
+    namespaces = [d for d in listed if d["kind"] == "Namespace"]
+    assert [n["metadata"]["name"] for n in namespaces] == [kustom["namespace"]] == ["rke2-mirror"]
+    # every manifest applied with `kubectl -n rke2-mirror apply -f` lands in that namespace too
+    secret = next(d for d in manifests()["secret.yaml"] if d["kind"] == "Secret")
+    assert secret["metadata"].get("namespace") == kustom["namespace"]
+    # the README: the namespace comes from `apply -k`, then the Secret is created in it
+    readme = (ROOT / "README.md").read_text()
+    apply_at = readme.index("kubectl apply -k scripts/k8s")
+    create = re.search(r"kubectl -n (\S+) create secret docker-registry rke2-mirror-harbor", readme)
+    assert create and create.group(1) == "rke2-mirror" and apply_at < create.start()
 
 
 def test_containerfile_builds_what_the_manifests_run():
@@ -328,6 +362,16 @@ def test_containerfile_builds_what_the_manifests_run():
         for p in src.split():
             assert (ROOT / p).exists(), p
     assert 'ENTRYPOINT ["rke2-mirror"]' in text
+    # the manifests run the version this checkout builds
+    from rke2_mirror import __version__
+
+    tag = re.search(r"-t (\S+) \.", text).group(1)
+    assert tag.endswith(f":{__version__}")
+    for name in ("cronjob.yaml", "indexed-job.yaml"):
+        (doc,) = manifests()[name]
+        assert pod_specs(doc)["containers"][0]["image"] == tag, name
+    kustom = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert [f"{i['name']}:{i['newTag']}" for i in kustom["images"]] == [tag]
     assert re.search(r'^rke2-mirror = "rke2_mirror.cli:main"', (ROOT / "pyproject.toml").read_text(), re.M)
 
 

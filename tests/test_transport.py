@@ -408,3 +408,163 @@ def test_environment_proxies_are_still_used(monkeypatch):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# --------------------------------------------------------------------------- bounded cost, whatever a server sends
+
+
+class Endless(httpx.SyncByteStream):
+    """A body of `chunk`-sized pieces, `limit` of them at most (so a test that fails still ends); counts
+    how many were taken."""
+
+    def __init__(self, chunk: int = 64 * 1024, limit: int = 5000, pause: float = 0.0, first: bytes = b""):
+        self.piece = b" " * chunk
+        self.limit, self.pause, self.first = limit, pause, first
+        self.taken = 0
+
+    def __iter__(self):
+        if self.first:
+            yield self.first
+        for _ in range(self.limit):
+            if self.pause:
+                time.sleep(self.pause)
+            self.taken += 1
+            yield self.piece
+
+
+def test_a_manifest_announced_over_the_cap_is_refused_before_anything_is_read():
+    from rke2_mirror.endpoints.registry import MAX_MANIFEST_BYTES
+    body = Endless()
+    s = Script(lambda req: httpx.Response(200, headers={"Content-Length": str(300 * 1024 * 1024)}, stream=body))
+    with registry(s) as reg, pytest.raises(RegistryError) as e:
+        reg.get_manifest("a", "v1")
+    assert MAX_MANIFEST_BYTES == 4 * 1024 * 1024
+    assert body.taken == 0 and s.count == 1 and not e.value.temporary
+    msg = str(e.value)
+    assert "http://reg.test/a:v1" in msg and "4194304 bytes (4 MiB)" in msg and "\n" not in msg
+
+
+def test_a_manifest_without_a_length_is_refused_once_past_the_cap():
+    body = Endless()
+    s = Script(lambda req: httpx.Response(200, stream=body))
+    with registry(s) as reg, pytest.raises(RegistryError) as e:
+        reg.get_manifest("a", "v1")
+    assert body.taken <= 4 * 16 + 1 and s.count == 1  # 64 KiB pieces: the cap and one more, never retried
+    assert "longer than the 4194304 bytes" in str(e.value)
+
+
+def test_error_and_redirect_bodies_are_cut_at_a_few_kib():
+    body = Endless(first=b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "' + b"x" * 10000)
+    s = Script(lambda req: httpx.Response(404, stream=body))
+    with registry(s) as reg, pytest.raises(NotFound) as e:
+        reg.get_manifest("a", "v1")
+    assert body.taken == 0 and len(str(e.value)) < 400  # the message: the reason phrase, on one line
+    body = Endless()
+    s = Script(lambda req: httpx.Response(404, stream=body))
+    with registry(s) as reg, pytest.raises(NotFound), reg.open_blob("a", BLOB):
+        pass
+    assert body.taken == 1
+    body = Endless()
+    s = Script(lambda req: httpx.Response(307, headers={"Location": "http://cdn.test/x"}, stream=body)
+               if req.url.host == "reg.test" else httpx.Response(200, content=b"blob"))
+    with registry(s) as reg, reg.open_blob("a", BLOB) as chunks:  # httpx reads a redirect's body whole
+        assert b"".join(chunks) == b"blob"
+    assert body.taken == 1
+
+
+def test_an_error_message_is_one_short_line():
+    s = Script(httpx.Response(400, json={"errors": [{"code": "DENIED", "message": "a\nb\n" + "y" * 5000}]}))
+    with registry(s) as reg, pytest.raises(RegistryError) as e:
+        reg.put_manifest("a", "v1", "application/vnd.oci.image.manifest.v1+json", b"{}")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400 and "DENIED: a b yyy" in str(e.value)
+
+
+def test_a_compressed_answer_read_whole_is_refused_and_registries_are_asked_for_identity():
+    s = Script(httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"\x1f\x8b"))
+    with registry(s) as reg, pytest.raises(RegistryError) as e:
+        reg.get_manifest("a", "v1")
+    assert "gzip-compressed answer refused" in str(e.value)
+    assert s.seen[0].headers["accept-encoding"] == "identity"
+
+
+def test_token_answers_are_capped():
+    handler, counts = token_flow([httpx.Response(200, headers={"Content-Length": str(2 * 1024 * 1024)},
+                                                 stream=Endless())])
+    with registry(handler) as reg, pytest.raises(RegistryError) as e:
+        reg.head_manifest("a", "v1")
+    assert counts["token"] == 1 and "token service http://auth.test/token" in str(e.value)
+    assert "1048576 bytes (1 MiB)" in str(e.value) and not e.value.temporary
+
+
+def test_harbor_answers_are_capped():
+    from rke2_mirror.endpoints.harbor import Harbor
+    s = Script(httpx.Response(200, headers={"Content-Length": str(50 * 1024 * 1024)}, stream=Endless()))
+    with registry(s) as reg, pytest.raises(RegistryError) as e:
+        Harbor(reg, None).create_project("rancher", False)
+    assert "Harbor API http://reg.test/api/v2.0/projects" in str(e.value) and "1 MiB" in str(e.value)
+    assert s.count == 1
+
+
+def test_a_trickling_body_is_abandoned_as_a_timeout_and_retried():
+    bodies: list[Endless] = []
+
+    def trickle(req):
+        bodies.append(Endless(chunk=1, limit=200, pause=0.05))  # 20 bytes/s, for 10 s at most
+        return httpx.Response(200, stream=bodies[-1])
+    s = Script(trickle)
+    t0 = time.monotonic()
+    with registry(s, timeout=0.5) as reg, pytest.raises(TemporaryError) as e:
+        reg.get_manifest("a", "v1")
+    assert time.monotonic() - t0 < 3 and s.count == FAST.attempts and e.value.exhausted
+    assert "slower than 1 KiB/s over 0.5s" in str(e.value) and all(b.taken < 20 for b in bodies)
+    s = Script(trickle)
+    with registry(s, timeout=0.5) as reg, pytest.raises(TemporaryError) as e, reg.open_blob("a", BLOB) as chunks:
+        b"".join(chunks)
+    assert s.count == 1 and retryable(e.value)  # a stream is the engine's to retry
+
+
+def test_the_speed_floor_counts_only_the_wait_on_the_other_side():
+    floor = tx.SpeedFloor(3.0, "transfer from x")
+    floor.account(1.0, 100)
+    floor.account(1.0, 100)
+    with pytest.raises(tx.TransferTooSlow) as e:
+        floor.account(1.0, 100)  # 300 bytes in 3 s
+    assert "300 bytes in 3.0s" in str(e.value)
+    floor = tx.SpeedFloor(3.0, "x")
+    for _ in range(10):
+        floor.account(1.0, 1500)  # above 1 KiB/s: never
+    # a slow consumer (writing to a slow target) does not make a fast source look slow
+    floor = tx.SpeedFloor(0.1, "x")
+    t0 = time.monotonic()
+    for _ in floor.reading([b"a"] * 5):
+        time.sleep(0.05)
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_an_upload_to_a_receiver_slower_than_the_floor_is_abandoned():
+    class SlowReader(httpx.BaseTransport):
+        def handle_request(self, request):
+            for _ in request.stream:
+                time.sleep(0.05)  # takes one chunk (1 byte) per 50 ms
+            return httpx.Response(202)
+
+    chunks = (b"x" for _ in range(400))
+    t0 = time.monotonic()
+    with httpx.Client(transport=tx.wrap(SlowReader(), retry=FAST, window=0.3), base_url="http://reg.test") as c, \
+            pytest.raises(tx.TransferTooSlow) as e:
+        c.patch("/v2/a/blobs/uploads/u1", content=chunks)
+    assert time.monotonic() - t0 < 3 and "sending to reg.test slower than 1 KiB/s" in str(e.value)
+
+
+def test_the_stall_window_is_the_registry_timeout():
+    def window(reg: Registry) -> float:
+        t = reg.transport
+        while not isinstance(t, tx.GuardTransport):
+            t = t.inner
+        return t.window
+
+    mock = httpx.MockTransport(lambda req: httpx.Response(200))
+    with Registry("http://reg.test", retry=RetryPolicy(timeout=7.0), transport=mock) as reg:
+        assert window(reg) == 7.0
+    with Registry("http://reg.test", retry=RetryPolicy(timeout=7.0), timeout=20.0, transport=mock) as reg:
+        assert window(reg) == 20.0

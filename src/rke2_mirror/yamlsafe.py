@@ -18,7 +18,9 @@ Python data), which refuse, in one `YAMLRefused` carrying a reason and the line 
 
 The scanner and parser are libyaml's when PyYAML has it (they are not recursive and run ~100 times faster
 than the pure-Python ones, which are used otherwise); composing is always the counting composer below.
-Messages never quote the document's content: registries.yaml holds passwords.
+Messages quote no value of the document (registries.yaml holds passwords): at most a tag, an anchor's
+name or the one character the scanner stopped at, cut to 200 characters.  `shown` is how callers put a
+key into a message (short, one line).
 """
 
 from __future__ import annotations

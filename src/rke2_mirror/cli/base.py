@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import httpx
 import typer
@@ -37,15 +37,26 @@ app = typer.Typer(
     help="Prepare offline (air-gapped) container registries for RKE2: copy a release's images into Harbor "
          "or any registry, write the matching registries.yaml, and verify it.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from rke2_mirror import __version__
+
+        typer.echo(f"rke2-mirror {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """rke2-mirror: copy RKE2 release images into a private registry and configure nodes for it."""
 
 

@@ -10,7 +10,7 @@ import rke2_mirror.jobs.mirror as mirror_job
 from rke2_mirror.cli.base import CliProgress, app, copy_options, finish, gather_images, run_command
 from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE, TARGET_TLS, CopyTuning,
                                      ImageLists, MaxRpsOpt, PlatformOpt, PublicProjectsOpt, PullFloorOpt, ReleaseOptions,
-                                     ReportOutput, ShardOpt, ToOpt, apply_shard, options)
+                                     ReportOutput, ShardOpt, ToOpt, apply_shard, options, with_strict_auth_realm)
 from rke2_mirror.cli.signals import interrupts
 from rke2_mirror.cli.util import stderr_log
 from rke2_mirror.jobs.common import SourceOptions, TLSOptions
@@ -22,8 +22,8 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check the source wit
 
 @app.command()
 @run_command
-@options(images=IMAGE_LISTS, lists=RELEASE_LISTS, tls=TARGET_TLS, source=SOURCE, tuning=COPY_TUNING,
-         out=REPORT_OUTPUT)
+@options(images=IMAGE_LISTS, lists=RELEASE_LISTS, tls=TARGET_TLS, source=SOURCE.without("strict_auth_realm"),
+         tuning=COPY_TUNING, out=REPORT_OUTPUT)
 def mirror(*, to: ToOpt, images: ImageLists, lists: ReleaseOptions, tls: TLSOptions, source: SourceOptions,
            platform: PlatformOpt = [], signatures: SignaturesOpt = False,  # noqa: B006 - typer's default
            public_projects: PublicProjectsOpt = False, dry_run: DryRunOpt = False, tuning: CopyTuning,
@@ -31,6 +31,7 @@ def mirror(*, to: ToOpt, images: ImageLists, lists: ReleaseOptions, tls: TLSOpti
            out: ReportOutput) -> None:
     """Copy every image registry -> registry, digests preserved."""
     target = RegistryURL.parse(to, what="--to")
+    source = with_strict_auth_realm(source, tls)
     with interrupts() as cancel:
         opts = copy_options(tuning, cancel, platform=platform, signatures=signatures, dry_run=dry_run)
         refs = apply_shard(gather_images(images, lists), shard, stderr_log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 
 from rke2_mirror.endpoints.auth import ENV_PASSWORD, ENV_USERNAME, Credentials
 from rke2_mirror.cli.base import app, load_releases, read_image_file, run_command
-from rke2_mirror.cli.options import IMAGE_LISTS, RELEASE_LISTS, ImageLists, ReleaseOptions, options
+from rke2_mirror.cli.options import IMAGE_LISTS, RELEASE_LISTS, ImageLists, ReleaseOptions, StrictAuthRealmOpt, options
 from rke2_mirror.cli.util import PROG, LazyModule, stderr_log
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.files import existing_mode, write_atomic
@@ -162,6 +163,7 @@ def verify_command(
     check_upstream: Annotated[bool, typer.Option("--check-upstream", help="Also contact upstream registries (docker.io, quay.io, ...) where a node would fall back to them; default: reported as failing, as on an air-gapped node.")] = False,
     jobs_n: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images checked at once.")] = 4,
     as_json: JsonOpt = False,
+    strict_auth_realm: StrictAuthRealmOpt = False,
     lists: ReleaseOptions,
 ) -> None:
     """Check, as an RKE2 node would resolve them, that every image is pullable through registries.yaml.
@@ -183,9 +185,12 @@ def verify_command(
     node_path = (lambda p: str(node_root / p.lstrip("/"))) if node_root else str
     progress = _Progress(len(refs))
     try:
+        factory = functools.partial(nodecheck.default_registry_factory, strict_auth_realm=strict_auth_realm,
+                                    log=stderr_log)
         report = nodecheck.check_images(refs, regs, system_default_registry=sdr, rke2_version=version, platform=platform,
                               jobs=jobs_n, progress=progress.update, node_path=node_path,
-                              check_upstream=check_upstream, disable_default_endpoint=no_default)
+                              check_upstream=check_upstream, disable_default_endpoint=no_default,
+                              registry_factory=factory)
     finally:
         progress.close()
     if version is None:

@@ -116,6 +116,7 @@ CaFileOpt = Annotated[Optional[Path], typer.Option("--ca-file", help="CA certifi
 InsecureOpt = Annotated[bool, typer.Option("--insecure-skip-verify", help="Do not verify the target's TLS certificate (not recommended).")]
 SrcCaFileOpt = Annotated[Optional[Path], typer.Option("--src-ca-file", help="CA certificate (PEM) for the source registries.")]
 SrcInsecureOpt = Annotated[bool, typer.Option("--src-insecure-skip-verify", help="Do not verify the source registries' TLS certificates.")]
+StrictAuthRealmOpt = Annotated[bool, typer.Option("--strict-auth-realm", help="Send a registry's credentials to its token service only on the registry's own host, and never over http for an https registry (default: allowed, with a warning naming both hosts).")]
 SourceEndpointOpt = Annotated[list[str], typer.Option("--source-endpoint", help="REGISTRY=URL: pull REGISTRY's images from URL (a URL path is a repository prefix there), e.g. docker.io=http://127.0.0.1:5000 (repeatable).")]
 PlatformOpt = Annotated[list[str], typer.Option("--platform", help="OS/ARCH[/VARIANT] to copy, e.g. linux/amd64 (repeatable; default: all platforms, digests preserved).")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images copied at once.")]
@@ -123,7 +124,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on st
 TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=1, max=3600, metavar="SECONDS",
     help="Seconds to wait for a registry's next bytes before the attempt counts as failed (and is retried); "
-         "raise it for a registry that takes long to commit big layers.")]
+         "a transfer slower than 1 KiB/s over that time is abandoned too. "
+         "Raise it for a registry that takes long to commit big layers.")]
 RetriesOpt = Annotated[int, typer.Option("--retries", min=1, max=20, help="Attempts per operation on transient errors (connection errors, 408, 429, 5xx), with exponential backoff.")]
 MaxRpsOpt = Annotated[Optional[float], typer.Option("--max-rps", min=0.1, help="At most this many requests per second to each registry, all workers together (Harbor and others throttle).")]
 PullFloorOpt = Annotated[int, typer.Option("--pull-floor", min=0, help="Stop starting new images when a source's rate-limit headers (Docker Hub: ratelimit-remaining) say this many pulls are left; the rest is reported as deferred.")]
@@ -242,16 +244,27 @@ def _tls(ca_file: Path | None, insecure: bool, flags: tuple[str, str]) -> TLSOpt
 # --------------------------------------------------------------------------- the groups' builders
 
 
-def target_tls(ca_file: CaFileOpt = None, insecure_skip_verify: InsecureOpt = False) -> TLSOptions:
-    """--ca-file, --insecure-skip-verify: TLS to the target."""
-    return _tls(ca_file, insecure_skip_verify, ("--ca-file", "--insecure-skip-verify"))
+def target_tls(ca_file: CaFileOpt = None, insecure_skip_verify: InsecureOpt = False,
+               strict_auth_realm: StrictAuthRealmOpt = False) -> TLSOptions:
+    """--ca-file, --insecure-skip-verify, --strict-auth-realm: TLS to the target, where its credentials go."""
+    return replace(_tls(ca_file, insecure_skip_verify, ("--ca-file", "--insecure-skip-verify")),
+                   strict_auth_realm=strict_auth_realm)
 
 
 def source_options(src_ca_file: SrcCaFileOpt = None, src_insecure_skip_verify: SrcInsecureOpt = False,
-                   source_endpoint: SourceEndpointOpt = []) -> SourceOptions:  # noqa: B006 - typer's default
-    """--src-ca-file, --src-insecure-skip-verify, --source-endpoint: how the source registries are reached."""
-    return SourceOptions(_tls(src_ca_file, src_insecure_skip_verify, SOURCE_TLS_FLAGS),
+                   source_endpoint: SourceEndpointOpt = [],  # noqa: B006 - typer's default
+                   strict_auth_realm: StrictAuthRealmOpt = False) -> SourceOptions:
+    """--src-ca-file, --src-insecure-skip-verify, --source-endpoint, --strict-auth-realm: how the source
+    registries are reached.  (A command that also takes TARGET_TLS takes this group without --strict-auth-realm
+    and applies the target's to its sources: `with_strict_auth_realm`.)"""
+    return SourceOptions(replace(_tls(src_ca_file, src_insecure_skip_verify, SOURCE_TLS_FLAGS),
+                                 strict_auth_realm=strict_auth_realm),
                          parse_source_endpoints(source_endpoint or []))
+
+
+def with_strict_auth_realm(source: SourceOptions, tls: TLSOptions) -> SourceOptions:
+    """The sources with the target's --strict-auth-realm (one flag for every registry of a command)."""
+    return replace(source, tls=replace(source.tls, strict_auth_realm=tls.strict_auth_realm))
 
 
 def image_lists(images: ImagesOpt = None, release: ReleaseOpt = None) -> ImageLists:

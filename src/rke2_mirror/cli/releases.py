@@ -19,9 +19,9 @@ from rke2_mirror.cli.options import RELEASE_LISTS, SOURCE, JobsOpt, ReleaseOptio
 from rke2_mirror.cli.util import stderr_log
 from rke2_mirror.jobs.common import SourceOptions, check_sources
 from rke2_mirror.model.reference import ImageRef
-from rke2_mirror.releases import ImageDiff, Log, diff_refs, release_images
+from rke2_mirror.releases import ImageDiff, Log, Product, ReleaseImages, diff_refs, release_images
 
-__all__ = ["diff_command", "diff_document", "list_command", "render_diff"]
+__all__ = ["diff_command", "diff_document", "list_command", "list_document", "render_diff"]
 
 ReleaseArg = Annotated[str, typer.Argument(
     metavar="RELEASE", help="A version (v1.28.9+rke2r1) or a channel (stable, latest, v1.28).")]
@@ -101,21 +101,47 @@ def list_command(
                                         "only: no pulls counted against rate limits); exit 1 if any is missing.")] = False,
     source: SourceOptions,
     jobs: JobsOpt = 8,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document: the resolved version, "
+                                              "product, arches, flavors, the lists read (with their sha256) and "
+                                              "the images (with --check, what the source said of each).")] = False,
 ) -> None:
     """Print a release's images, one reference per line, verified against its sha256sum-<arch>.txt."""
     (result,) = load_releases([release], lists, log=stderr_log)
+    doc = list_document(result, lists) if json_output else None
     if not check:
+        if doc is not None:
+            typer.echo(json.dumps(doc, indent=2))
+            return
         for ref in result.images:
             typer.echo(str(ref))
         return
     checks = check_sources(result.images, source, jobs=jobs)
     missing = [c for c in checks if c.digest is None]
-    for c in checks:
-        typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else ""))
+    if doc is not None:
+        doc["check"] = {"present": len(checks) - len(missing), "missing": len(missing),
+                        "images": [{"image": str(c.ref), "digest": c.digest, "error": c.error} for c in checks]}
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        for c in checks:
+            typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else ""))
     typer.echo(f"{result.version}: {len(checks) - len(missing)} of {len(checks)} images present at the source"
                + (f", {len(missing)} missing" if missing else ""), err=True)
     if missing:
         raise typer.Exit(1)
+
+
+def list_document(result: ReleaseImages, options: ReleaseOptions) -> dict[str, Any]:
+    """`list --json`: what was asked, what it resolved to, which verified lists were read, the images."""
+    return {
+        "product": result.product,
+        "release": result.release,
+        "version": result.version,
+        "arches": list(options.arches),
+        "flavors": list(options.flavors),
+        "lists": [{"name": f.name, "arch": f.arch, "flavor": f.flavor, "sha256": f.sha256, "images": f.count,
+                   "verified_against": Product.checksum_asset(f.arch), "origin": f.origin} for f in result.files],
+        "images": [str(r) for r in result.images],
+    }
 
 
 @app.command("diff")

@@ -3,12 +3,18 @@
 Tokens are cached per scope and attached before a request is sent once the registry's challenge
 is known, so streamed request bodies never need replaying and a run fetches one token per
 repository (not one per request).
+
+Credentials go only where they belong: never to another host a request is redirected to (storage,
+a CDN), and to a Bearer challenge's token service (its `realm`) on another host than the registry's, or
+over plain http for an https registry, only with a warning (once per realm), or not at all with
+`strict_realm` (`--strict-auth-realm`: `AuthRealmRefused`, exit 2).  Anonymous token requests go anywhere.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import threading
@@ -26,6 +32,28 @@ ENV_USERNAME = "RKE2_MIRROR_USERNAME"
 ENV_PASSWORD = "RKE2_MIRROR_PASSWORD"
 
 _DOCKER_HUB_KEYS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+
+# Token services known to live on another host than their registry: credentials go there without a warning.
+KNOWN_TOKEN_HOSTS: dict[str, frozenset[str]] = {"registry-1.docker.io": frozenset({"auth.docker.io"})}
+
+
+class AuthRealmRefused(InputError):
+    """--strict-auth-realm: a registry's token service is where its credentials do not belong (exit 2)."""
+
+
+def realm_concern(registry_scheme: str, registry_host: str, realm: str) -> str | None:
+    """Why sending credentials for `registry_host` (host[:port]) to the token service at `realm` is doubtful,
+    or None when it is not: another host name (any port of the registry's own host is its own; Docker Hub's
+    auth.docker.io is known), or plain http when the registry is https."""
+    r = urlsplit(realm)
+    registry_name = (urlsplit(f"//{registry_host}").hostname or "").lower()
+    realm_name = (r.hostname or "").lower()
+    why = []
+    if realm_name != registry_name and realm_name not in KNOWN_TOKEN_HOSTS.get(registry_name, frozenset()):
+        why.append("another host")
+    if registry_scheme.lower() == "https" and r.scheme.lower() != "https":
+        why.append(f"plain {r.scheme or 'http'} while the registry is https")
+    return " and ".join(why) or None
 
 
 @dataclass(frozen=True)
@@ -136,17 +164,24 @@ class _Token:
 class RegistryAuth(httpx.Auth):
     """Basic and Bearer auth for one registry endpoint; thread-safe; token cache per scope set.
 
-    `fetch` is called to get tokens: fetch(url, params, basic_credentials) -> httpx.Response.
+    `fetch` is called to get tokens: fetch(url, params, basic_credentials) -> httpx.Response.  `scheme` is
+    the registry's (http or https); `strict_realm` and `log` decide what happens when a token service is where
+    credentials do not belong (see the module's docstring).
     """
 
     requires_response_body = False
 
     def __init__(self, credentials: Credentials | None, actions: str,
-                 fetch: Callable[..., httpx.Response], host: str):
+                 fetch: Callable[..., httpx.Response], host: str, *, scheme: str = "https",
+                 strict_realm: bool = False, log: Callable[[str], None] | None = None):
         self.credentials = credentials
         self.actions = actions
         self._fetch = fetch
         self.host = host
+        self.scheme_of_registry = scheme
+        self.strict_realm = strict_realm
+        self._log = log
+        self._warned: set[str] = set()
         self.challenge: Challenge | None = None
         self._tokens: dict[tuple[str, ...], _Token] = {}
         self._lock = threading.Lock()
@@ -188,6 +223,8 @@ class RegistryAuth(httpx.Auth):
         service = ch.params.get("service")
         params = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
         c = self.credentials
+        if c and (c.username or c.password or c.identity_token):
+            self._check_realm(realm)
         self.token_fetches += 1
         if c and c.identity_token:  # OAuth2 refresh-token grant (docker config "identitytoken")
             form = {"grant_type": "refresh_token", "refresh_token": c.identity_token, "client_id": "rke2-mirror",
@@ -203,6 +240,9 @@ class RegistryAuth(httpx.Auth):
         if resp.status_code >= 400:
             from rke2_mirror.endpoints.registry import status_error  # local import: registry imports auth
             raise status_error(resp, f"token service {realm}")
+        if resp.status_code >= 300:  # redirects are not followed: credentials stay where the challenge said
+            raise TokenError(f"{self.host}: the token service at {realm} redirects (HTTP {resp.status_code}) "
+                            f"to {resp.headers.get('location', '?')[:200]}; not followed")
         try:
             doc = resp.json()
             token = doc.get("token") or doc["access_token"]
@@ -215,6 +255,27 @@ class RegistryAuth(httpx.Auth):
             expires_in = 60
         # refresh a little early; a token is never used past 90% of its life
         return _Token(f"Bearer {token}", time.monotonic() + expires_in * 0.9)
+
+    def _check_realm(self, realm: str) -> None:
+        """Before credentials go to `realm`: refuse (strict) or warn once when they do not belong there."""
+        concern = realm_concern(self.scheme_of_registry, self.host, realm)
+        if concern is None:
+            return
+        r = urlsplit(realm)
+        where = f"{r.scheme}://{r.netloc}"
+        if self.strict_realm:
+            raise AuthRealmRefused(f"the registry {self.host} names the token service {where} ({concern}): "
+                                   "its credentials are not sent there (--strict-auth-realm)")
+        with self._lock:
+            if realm in self._warned:
+                return
+            self._warned.add(realm)
+        message = (f"warning: the registry {self.host} names the token service {where} ({concern}): "
+                   "its credentials are sent there; --strict-auth-realm refuses that")
+        if self._log is not None:
+            self._log(message)
+        else:
+            logging.getLogger("rke2_mirror").warning(message)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if request.url.netloc.decode("ascii") != self.host:

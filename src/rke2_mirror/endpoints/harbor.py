@@ -9,13 +9,16 @@ import httpx
 from rke2_mirror.endpoints import transport as tx
 from rke2_mirror.endpoints.auth import Credentials
 from rke2_mirror.engine.retry import mark_exhausted
-from rke2_mirror.model.errors import AuthError, InputError, MirrorError, TemporaryError
+from rke2_mirror.model.errors import AuthError, InputError, MirrorError, RegistryError, TemporaryError
 from rke2_mirror.endpoints.registry import Registry
 
 
 def project_of(repository: str) -> str:
     """Harbor's project is the first path component of a repository (`rancher/x` -> `rancher`)."""
     return repository.split("/", 1)[0]
+
+
+MAX_API_BYTES = 1024 * 1024  # a Harbor API answer (systeminfo, projects) is read whole, up to this much
 
 
 class Harbor:
@@ -30,12 +33,16 @@ class Harbor:
         self.credentials = credentials
 
     def _call(self, method: str, path: str, **kw) -> httpx.Response:
-        """One request (the transport retries 5xx, 429, connection errors); what still fails is temporary."""
+        """One request (the transport retries 5xx, 429, connection errors); what still fails is temporary,
+        except an answer over MAX_API_BYTES."""
         try:
             resp = self._client.request(method, self._base + path, auth=self._auth,
-                                        extensions={tx.READ_BODY: True}, **kw)
+                                        extensions={tx.READ_BODY: True, tx.MAX_BODY: MAX_API_BYTES}, **kw)
+        except tx.ResponseTooLarge as exc:
+            raise RegistryError(f"Harbor API {self._base}{path}: {exc}") from None
         except httpx.HTTPError as exc:
-            err = TemporaryError(f"Harbor API {path}: {exc.__class__.__name__}")
+            detail = str(exc) if isinstance(exc, tx.TransferTooSlow) else exc.__class__.__name__
+            err = TemporaryError(f"Harbor API {path}: {detail}")
             if getattr(exc, "exhausted", False):
                 mark_exhausted(err)
             raise err from None

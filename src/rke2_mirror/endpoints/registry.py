@@ -2,12 +2,18 @@
 
 Retries, the request-rate cap, the pull-budget observer and cancellation live in the client's transport
 (endpoints/transport.py), one exchange at a time: every method here makes one request.
+
+Every answer read whole has a cap (manifests `MAX_MANIFEST_BYTES`, token answers `MAX_TOKEN_BYTES`, the rest
+the transport's `DEFAULT_BODY_CAP`; error bodies a few KiB), enforced before it is buffered, and every body
+moves at least `transport.SPEED_FLOOR` bytes/s over `timeout` seconds: a server cannot make a run hold
+more memory or wait longer than that, whatever it sends.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -24,11 +30,14 @@ from rke2_mirror.model.oci import ACCEPT, SCHEMA1_TYPES, Descriptor, parse_manif
 from rke2_mirror.model.reference import DOCKER_HUB_API
 
 USER_AGENT = "rke2-mirror/0.1"
-MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # what distribution and Harbor accept for a manifest or index
+MAX_TOKEN_BYTES = 1024 * 1024  # a token service's answer
 SMALL_BLOB = 64 * 1024  # blobs below this are uploaded without a HEAD first (configs mostly): asking costs more
 
-_READ = {tx.READ_BODY: True}  # whole answer read inside the transport's retry loop
+_READ = {tx.READ_BODY: True}  # whole answer read inside the transport's retry loop (at most DEFAULT_BODY_CAP)
 _ONCE = {tx.READ_BODY: True, tx.NO_RETRY: True}  # an upload session's step: never replayed
+_TOKEN = {tx.READ_BODY: True, tx.MAX_BODY: MAX_TOKEN_BYTES}
+_ERROR_TEXT = 200  # characters of a registry's error message kept in ours
 
 
 def ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
@@ -45,14 +54,21 @@ def ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
 
 
 def _error_message(resp: httpx.Response) -> str:
+    """The registry's own words for an error, on one line (the body read is cut at a few KiB by the
+    transport), else the reason phrase."""
     try:
         errs = json.loads(resp.read() or b"{}").get("errors") or []
         if errs:
             e = errs[0]
-            return f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-    except (ValueError, AttributeError, httpx.HTTPError):
+            return _one_line(f"{e.get('code', '')}: {e.get('message', '')}".strip(": "))
+    except (ValueError, AttributeError, TypeError, httpx.HTTPError):
         pass
-    return resp.reason_phrase or ""
+    return _one_line(resp.reason_phrase or "")
+
+
+def _one_line(text: str) -> str:
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    return text if len(text) <= _ERROR_TEXT else text[:_ERROR_TEXT] + "…"
 
 
 def status_error(resp: httpx.Response, what: str) -> RegistryError:
@@ -80,7 +96,10 @@ class Registry:
     can say which flag to use.  `transport` replaces the connection pool (tests inject faults there); it
     is wrapped like the real one.  `limiter` is called before every exchange (a RequestRateLimiter),
     `on_response` sees every response (PullBudget.observe), `cancel` stops the next request and wakes
-    retry waits.
+    retry waits.  `strict_auth_realm` refuses to send credentials to a token service on another host (or
+    over http for an https registry); without it that is allowed with one warning per realm, given to `log`
+    (the `logging` module's "rke2_mirror" logger when None).  `timeout` (default the retry policy's) is
+    also the speed floor's window.
     """
 
     def __init__(self, base_url: str, *, verify: bool | str = True, credentials: Credentials | None = None,
@@ -88,7 +107,8 @@ class Registry:
                  timeout: float | None = None, chunk_size: int = 64 * 1024 * 1024,
                  monolithic_limit: int = 4 * 1024 * 1024, tls_flags: tuple[str, str] = ("--ca-file", "--insecure-skip-verify"),
                  transport: httpx.BaseTransport | None = None, limiter: "Callable[[], None] | None" = None,
-                 on_response: "Callable[[httpx.Response], None] | None" = None, cancel: Cancel | None = None):
+                 on_response: "Callable[[httpx.Response], None] | None" = None, cancel: Cancel | None = None,
+                 strict_auth_realm: bool = False, log: "Callable[[str], None] | None" = None):
         parts = urlsplit(base_url)
         self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.host = parts.netloc
@@ -100,8 +120,10 @@ class Registry:
         self.tls_flags = tls_flags
         # Docker Hub counts every manifest GET as a pull (engine.protocols.counts_pulls)
         self.manifest_gets_are_pulls = (parts.hostname or "") == DOCKER_HUB_API
-        self.auth = RegistryAuth(credentials, actions, self._fetch_token, self.host)
-        stack = {"retry": self.retry, "cancel": self.cancel, "limiter": limiter, "observe": on_response}
+        self.auth = RegistryAuth(credentials, actions, self._fetch_token, self.host, scheme=parts.scheme,
+                                 strict_realm=strict_auth_realm, log=log)
+        stack = {"retry": self.retry, "cancel": self.cancel, "limiter": limiter, "observe": on_response,
+                 "window": timeout}
         mounts: dict[str, httpx.BaseTransport | None] | None = None
         if transport is None:
             limits = httpx.Limits(max_connections=max(4, jobs * 2), max_keepalive_connections=max(4, jobs * 2))
@@ -112,7 +134,8 @@ class Registry:
             base_url=self.base_url,
             auth=self.auth,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
-            headers={"User-Agent": USER_AGENT},
+            # identity: a compressed answer's size is not bounded by what arrives (the transport refuses one)
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             transport=self.transport,
             mounts=mounts,
             follow_redirects=False,
@@ -132,9 +155,9 @@ class Registry:
         """One token request (the transport retries it; nothing around it does)."""
         try:
             if data is not None:
-                return self.client.post(url, data=data, auth=None, extensions=_READ)
+                return self.client.post(url, data=data, auth=None, extensions=_TOKEN)
             return self.client.get(url, params=params, auth=httpx.BasicAuth(*basic) if basic else None,
-                                   extensions=_READ)
+                                   extensions=_TOKEN)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, f"token service {url}") from None
 
@@ -144,7 +167,11 @@ class Registry:
             ca, insecure = self.tls_flags
             return TLSError(f"{what}: TLS error talking to {self.host}: {tls}; "
                             f"give the registry's CA with {ca} PATH, or {insecure} (not recommended)")
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, tx.ResponseTooLarge):
+            return RegistryError(f"{what}: {exc}")
+        if isinstance(exc, tx.TransferTooSlow):
+            err = TemporaryError(f"{what}: {exc}")
+        elif isinstance(exc, httpx.TimeoutException):
             err = TemporaryError(f"{what}: timed out talking to {self.host}")
         elif isinstance(exc, httpx.ConnectError):
             err = TemporaryError(f"{what}: cannot connect to {self.base_url} ({_short(exc)})")
@@ -155,10 +182,14 @@ class Registry:
         return err
 
     def _request(self, method: str, url: str, what: str, ok: tuple[int, ...], *,
-                 once: bool = False, **kw) -> httpx.Response:
-        """One request (retried by the transport unless `once`); errors mapped.  The response body is read."""
+                 once: bool = False, cap: int | None = None, **kw) -> httpx.Response:
+        """One request (retried by the transport unless `once`); errors mapped.  The response body is read,
+        refused past `cap` bytes (default: the transport's DEFAULT_BODY_CAP)."""
+        extensions = dict(_ONCE if once else _READ)
+        if cap is not None:
+            extensions[tx.MAX_BODY] = cap
         try:
-            resp = self.client.request(method, url, extensions=_ONCE if once else _READ, **kw)
+            resp = self.client.request(method, url, extensions=extensions, **kw)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, what) from None
         if resp.status_code not in ok:
@@ -200,10 +231,10 @@ class Registry:
     def get_manifest(self, repo: str, reference: str, params: dict | None = None) -> tuple[Descriptor, bytes]:
         what = self.location(repo, reference)
         resp = self._request("GET", f"/v2/{repo}/manifests/{reference}", what, (200,),
-                             headers={"Accept": ACCEPT}, params=params)
-        raw = resp.content
+                             headers={"Accept": ACCEPT}, params=params, cap=MAX_MANIFEST_BYTES)
+        raw = resp.content  # at most MAX_MANIFEST_BYTES: the transport refused anything longer unread
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes ({tx.human_size(MAX_MANIFEST_BYTES)})")
         desc = Descriptor.of_bytes(resp.headers.get("content-type", "").split(";")[0], raw)
         if desc.media_type in SCHEMA1_TYPES:
             parse_manifest(desc.media_type, raw)  # raises the clear schema1 error
@@ -249,7 +280,8 @@ class Registry:
     @contextmanager
     def open_blob(self, repo: str, desc: Descriptor) -> Iterator[Iterable[bytes]]:
         """Stream a blob as stored (redirects followed, credentials kept from other hosts); unchecked: the
-        engine hashes it.  Transport errors while streaming become TemporaryError."""
+        engine hashes it.  Transport errors while streaming (a break, or a transfer under the transport's
+        speed floor) become TemporaryError."""
         what = f"{self.host}/{repo}@{desc.digest}"
         try:
             with self.client.stream("GET", f"/v2/{repo}/blobs/{desc.digest}", follow_redirects=True,

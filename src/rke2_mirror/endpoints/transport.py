@@ -12,8 +12,18 @@ out once; a failure there is the engine's to retry (it restarts the whole blob c
 Request extensions the Registry sets:
 - `READ_BODY`: read the whole response body inside the retry loop, so a body that breaks or stalls
   half-way is retried like a failed status (used for everything but blob streams);
+- `MAX_BODY`: with READ_BODY, the most bytes such an answer may have (default `DEFAULT_BODY_CAP`): a
+  Content-Length above it is refused before reading, a longer body once the cap is passed
+  (`ResponseTooLarge`, not retried), so nothing larger is ever buffered;
 - `NO_RETRY`: send once even though the body could be replayed (an upload session's PATCH/PUT: once the
   registry got it, a replay answers 404 BLOB_UPLOAD_UNKNOWN; the engine starts a new session instead).
+
+Whatever a server sends, an exchange costs bounded memory and time (`GuardTransport`, innermost but for
+the observer): an answer with a status of 300 or more keeps at most `ERROR_BODY_LIMIT` bytes of its body
+(enough for the error message; then the connection is closed), and every body, request or response, moves
+at least `SPEED_FLOOR` bytes per second averaged over `window` seconds (the `--timeout`) of waiting on the
+other side, like curl's --speed-limit/--speed-time; a slower one is abandoned with `TransferTooSlow` (a
+timeout: retried like one).  Waiting for the headers is bounded by the read timeout itself.
 
 A retryable failure that used up its attempts is marked so the error built from it is `exhausted`
 (engine.retry.retryable is then False): on the response `EXHAUSTED in response.extensions`
@@ -26,7 +36,7 @@ import ipaddress
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 
@@ -36,11 +46,46 @@ from rke2_mirror.engine.cancel import NEVER, Cancel
 from rke2_mirror.engine.retry import RetryPolicy, mark_exhausted
 
 READ_BODY = "rke2_mirror.read_body"
+MAX_BODY = "rke2_mirror.max_body"
 NO_RETRY = "rke2_mirror.no_retry"
 EXHAUSTED = "rke2_mirror.exhausted"
 
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
 _DRAIN_LIMIT = 64 * 1024  # a failing response's body read (so its connection is reused) up to this much
+DEFAULT_BODY_CAP = 1024 * 1024  # a READ_BODY answer without MAX_BODY: /v2/, upload steps, tokens, Harbor's API
+ERROR_BODY_LIMIT = 4 * 1024  # what is kept of a 3xx/4xx/5xx answer's body: its error message is in there
+SPEED_FLOOR = 1024  # bytes per second: a slower transfer, over the stall window, is abandoned
+DEFAULT_STALL_WINDOW = 60.0  # seconds (the RetryPolicy's default timeout)
+
+
+class ResponseTooLarge(httpx.HTTPError):
+    """An answer larger than its request's cap (`MAX_BODY`), or compressed (so of unknown size): refused,
+    never retried."""
+
+    def __init__(self, cap: int, size: int | None = None, encoding: str | None = None):
+        limit = f"{cap} bytes ({human_size(cap)})"
+        if encoding:
+            text = (f"{encoding}-compressed answer refused (identity was asked for): decoded, its size is not "
+                    f"bounded by the {limit} accepted")
+        elif size is not None:
+            text = f"answer of {size} bytes refused: more than the {limit} accepted"
+        else:
+            text = f"answer refused: longer than the {limit} accepted"
+        super().__init__(text)
+        self.cap, self.size, self.encoding = cap, size, encoding
+
+
+class TransferTooSlow(httpx.TimeoutException):
+    """A body moving slower than SPEED_FLOOR over the stall window: abandoned, retried like a timeout."""
+
+
+def human_size(n: int) -> str:
+    """1048576 -> '1 MiB' (for messages about caps)."""
+    for unit in ("GiB", "MiB", "KiB"):
+        size = 1 << {"GiB": 30, "MiB": 20, "KiB": 10}[unit]
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
 
 
 def retry_after(resp: httpx.Response) -> float | None:
@@ -117,6 +162,136 @@ def _drain(resp: httpx.Response) -> None:
         pass
     finally:
         resp.close()
+
+
+class SpeedFloor:
+    """curl's --speed-limit/--speed-time for one body.  The time spent waiting on the other side is summed
+    with the bytes moved, window by window: once a window reaches `window` seconds, fewer than `rate` bytes
+    per second over it abandons the transfer (`TransferTooSlow`).  Time the consumer of a response (or the
+    producer of a request body) takes is not counted: a slow target does not make its source look slow."""
+
+    def __init__(self, window: float, what: str, rate: float = SPEED_FLOOR):
+        self.window = max(float(window), 0.001)
+        self.rate = rate
+        self.what = what
+        self._waited = 0.0
+        self._moved = 0
+
+    def account(self, seconds: float, nbytes: int) -> None:
+        self._waited += seconds
+        self._moved += nbytes
+        if self._waited >= self.window:
+            if self._moved < self.rate * self._waited:
+                raise TransferTooSlow(f"{self.what} slower than {human_size(int(self.rate))}/s over {self.window:g}s "
+                                      f"({self._moved} bytes in {self._waited:.1f}s): abandoned")
+            self._waited, self._moved = 0.0, 0
+
+    def reading(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The chunks of a body we receive: the wait inside next() is the sender's."""
+        it = iter(chunks)
+        while True:
+            t0 = time.monotonic()
+            try:
+                chunk = next(it)
+            except StopIteration:
+                return
+            self.account(time.monotonic() - t0, len(chunk))
+            yield chunk
+
+    def writing(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The chunks of a body we send: until the next one is asked for, the receiver is taking this one."""
+        for chunk in chunks:
+            t0 = time.monotonic()
+            yield chunk
+            self.account(time.monotonic() - t0, len(chunk))
+
+
+class _Upload(httpx.SyncByteStream):
+    """A request body sent under a speed floor (the original stream is put back after the exchange)."""
+
+    def __init__(self, inner: httpx.SyncByteStream, floor: SpeedFloor):
+        self.inner, self.floor = inner, floor
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.floor.writing(self.inner)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Body(httpx.SyncByteStream):
+    """A response body read under a speed floor and, when `limit` is set, a size limit: past it the body is
+    cut there (`truncate`: an error answer, whose message is at its start) or refused (`ResponseTooLarge`)."""
+
+    def __init__(self, inner: httpx.SyncByteStream, floor: SpeedFloor, *, limit: int | None = None,
+                 truncate: bool = False):
+        self.inner, self.floor, self.limit, self.truncate = inner, floor, limit, truncate
+
+    def __iter__(self) -> Iterator[bytes]:
+        n = 0
+        for chunk in self.floor.reading(self.inner):
+            if self.limit is not None and n + len(chunk) > self.limit:
+                if not self.truncate:
+                    raise ResponseTooLarge(self.limit)
+                if self.limit > n:
+                    yield chunk[:self.limit - n]
+                self.inner.close()  # the rest is never read: the connection goes, not back to the pool
+                return
+            n += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _content_length(resp: httpx.Response) -> int | None:
+    try:
+        return int(resp.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+class GuardTransport(httpx.BaseTransport):
+    """Bounds what one exchange can cost, whatever the server does: both bodies under the speed floor
+    (`SPEED_FLOOR` over `window` seconds), an answer with a status of 300 or more cut at `ERROR_BODY_LIMIT`,
+    and a READ_BODY answer refused past its `MAX_BODY` cap (by its Content-Length before anything is read;
+    a compressed one too, since its size once decoded is not bounded by what arrives: registries are asked
+    for identity)."""
+
+    def __init__(self, inner: httpx.BaseTransport, window: float = DEFAULT_STALL_WINDOW):
+        self.inner = inner
+        self.window = window
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        peer = request.url.netloc.decode("ascii", "replace")
+        body = request.stream
+        if isinstance(body, httpx.SyncByteStream):
+            request.stream = _Upload(body, SpeedFloor(self.window, f"sending to {peer}"))
+        try:
+            resp = self.inner.handle_request(request)
+        finally:
+            request.stream = body  # a replay (retry, auth, redirect) starts from the original
+        floor = SpeedFloor(self.window, f"transfer from {peer}")
+        if resp.status_code >= 300:
+            # an error answer's encoded body is kept as it came: decoded, a few KiB could be gigabytes
+            resp.headers.pop("content-encoding", None)
+            resp.stream = _Body(resp.stream, floor, limit=ERROR_BODY_LIMIT, truncate=True)
+            return resp
+        limit: int | None = None
+        if request.extensions.get(READ_BODY) and request.method != "HEAD":
+            limit = int(request.extensions.get(MAX_BODY) or DEFAULT_BODY_CAP)
+            size = _content_length(resp)
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if (size is not None and size > limit) or encoding not in ("", "identity"):
+                resp.close()
+                if size is not None and size > limit:
+                    raise ResponseTooLarge(limit, size)
+                raise ResponseTooLarge(limit, encoding=encoding)
+        resp.stream = _Body(resp.stream, floor, limit=limit)
+        return resp
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class ObservingTransport(httpx.BaseTransport):
@@ -206,12 +381,15 @@ class RetryTransport(httpx.BaseTransport):
 
 def wrap(inner: httpx.BaseTransport, *, retry: RetryPolicy | None = None, cancel: Cancel | None = None,
          limiter: Callable[[], None] | None = None,
-         observe: Callable[[httpx.Response], None] | None = None) -> RetryTransport:
-    """The stack around `inner`: retries outermost, so every attempt is throttled and observed."""
+         observe: Callable[[httpx.Response], None] | None = None, window: float | None = None) -> RetryTransport:
+    """The stack around `inner`: retries outermost, so every attempt is throttled, guarded and observed.
+    `window`: the speed floor's window in seconds (default: the retry policy's timeout)."""
     cancel = cancel or NEVER
+    retry = retry or RetryPolicy()
     t: httpx.BaseTransport = inner
     if observe is not None:
         t = ObservingTransport(t, observe)
+    t = GuardTransport(t, retry.timeout if window is None else window)
     t = ThrottleTransport(t, limiter=limiter, cancel=cancel)
     return RetryTransport(t, retry, cancel=cancel)
 
@@ -253,12 +431,12 @@ def _is_ip(host: str, kind: type) -> bool:
 
 def http_transports(*, verify: ssl.SSLContext | bool, limits: httpx.Limits, retry: RetryPolicy | None = None,
                     cancel: Cancel | None = None, limiter: Callable[[], None] | None = None,
-                    observe: Callable[[httpx.Response], None] | None = None,
+                    observe: Callable[[httpx.Response], None] | None = None, window: float | None = None,
                     ) -> tuple[RetryTransport, dict[str, httpx.BaseTransport | None]]:
     """The stack over a real connection pool, and `mounts` for httpx.Client: the same stack over each
     proxy the environment names (None where NO_PROXY says direct)."""
     def stack(proxy: str | None) -> RetryTransport:
         return wrap(httpx.HTTPTransport(verify=verify, limits=limits, proxy=proxy),
-                    retry=retry, cancel=cancel, limiter=limiter, observe=observe)
+                    retry=retry, cancel=cancel, limiter=limiter, observe=observe, window=window)
     mounts = {pattern: None if proxy is None else stack(proxy) for pattern, proxy in environment_proxies().items()}
     return stack(None), mounts

@@ -25,9 +25,13 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class TLSOptions:
+    """How a registry is reached: its TLS (`flags` name the options that fix a TLS failure) and, with
+    `strict_auth_realm`, credentials sent to no token service on another host or over a downgrade to http."""
+
     ca_file: str | None = None
     insecure: bool = False
     flags: tuple[str, str] = ("--ca-file", "--insecure-skip-verify")
+    strict_auth_realm: bool = False
 
     @property
     def verify(self) -> bool | str:
@@ -52,26 +56,28 @@ def _limiter(max_rps: float | None) -> RequestRateLimiter | None:
 
 def target_registry(target: RegistryURL, tls: TLSOptions, *, jobs: int = 8, retry: RetryPolicy | None = None,
                     max_rps: float | None = None, credentials: Credentials | None = None,
-                    cancel: Cancel | None = None) -> Registry:
-    """The target; `credentials` given explicitly win over the usual lookup; `cancel` stops its requests."""
+                    cancel: Cancel | None = None, log: Log | None = None) -> Registry:
+    """The target; `credentials` given explicitly win over the usual lookup; `cancel` stops its requests;
+    `log` gets its warnings (credentials going to a token service on another host)."""
     creds = credentials or lookup_credentials(target.host, target=True)
     return Registry(target.base_url, verify=tls.verify, credentials=creds,
                     actions="pull,push", jobs=jobs, retry=retry, tls_flags=tls.flags, limiter=_limiter(max_rps),
-                    cancel=cancel)
+                    cancel=cancel, strict_auth_realm=tls.strict_auth_realm, log=log)
 
 
 def source_router(src: SourceOptions, *, jobs: int = 8, retry: RetryPolicy | None = None,
                   max_rps: float | None = None, budget: PullBudget | None = None,
-                  cancel: Cancel | None = None) -> SourceRouter:
+                  cancel: Cancel | None = None, log: Log | None = None) -> SourceRouter:
     """One Registry per source endpoint, each with its own request-rate cap; all feed the pull budget;
-    `cancel` stops their requests."""
+    `cancel` stops their requests; `log` gets their warnings."""
     def factory(base_url: str) -> Registry:
         host = base_url.split("://", 1)[1]
         files = (Path(src.auth_file),) if src.auth_file else ()
         return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host, auth_files=files),
                         actions="pull",
                         jobs=jobs, retry=retry, tls_flags=src.tls.flags, limiter=_limiter(max_rps),
-                        on_response=budget.observe if budget else None, cancel=cancel)
+                        on_response=budget.observe if budget else None, cancel=cancel,
+                        strict_auth_realm=src.tls.strict_auth_realm, log=log)
     return SourceRouter(factory, src.endpoints)
 
 

@@ -44,7 +44,7 @@ def load(reader: ArchiveReader | DockerArchive, target: RegistryURL, *, target_t
         raise InputError(f"{reader.label}: index.json names no images")
     graphs = plan_graphs(reader, options.platforms)
     tgt = jobs.target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
-                               cancel=options.cancel)
+                               cancel=options.cancel, log=log)
     try:
         jobs.check_endpoint(tgt, "target")
         jobs.ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
@@ -187,7 +187,7 @@ def _load_docker(da: DockerArchive, target: RegistryURL, *, target_tls: jobs.TLS
                          f"e.g. rke2-images.linux-arm64.tar.zst)")
     t0 = time.monotonic()
     tgt = jobs.target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
-                               cancel=options.cancel)
+                               cancel=options.cancel, log=log)
     try:
         jobs.check_endpoint(tgt, "target")
         jobs.ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,

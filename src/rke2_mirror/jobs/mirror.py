@@ -30,9 +30,9 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
     tasks = mirror_tasks(refs, target)
     budget = PullBudget(pull_floor or 0)
     router = source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps, budget=budget,
-                           cancel=options.cancel)
+                           cancel=options.cancel, log=log)
     tgt = target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
-                          credentials=target_credentials, cancel=options.cancel)
+                          credentials=target_credentials, cancel=options.cancel, log=log)
     try:
         check_endpoint(tgt, "target")
         check_source_endpoints(router, refs)

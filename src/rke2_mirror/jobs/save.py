@@ -149,7 +149,7 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
     work_dir = Path(work_dir) if work_dir else default_work_dir(output)
     _check_work_dir(work_dir)
     router = jobs.source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
-                                cancel=options.cancel)
+                                cancel=options.cancel, log=log)
     try:
         jobs.check_source_endpoints(router, list(refs) + (since.refs if since else []))
         old: dict[str, set[str]] = {}

@@ -94,6 +94,11 @@ class ImageRef:
         return out
 
 
+def _without_userinfo(url: str) -> str:
+    """The URL as it may be shown: a `user:password@` typed into it is masked, never printed."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)?[^/@]*@", lambda m: (m.group(1) or "") + "***@", url)
+
+
 @dataclass(frozen=True)
 class RegistryURL:
     """`[https://|http://]HOST[:PORT][/PREFIX]`: a registry endpoint with an optional repository prefix."""
@@ -107,27 +112,30 @@ class RegistryURL:
         raw = text.strip()
         if not raw:
             raise InputError(f"empty {what} URL")
+        shown = _without_userinfo(raw)
+        if any(c.isspace() or ord(c) < 32 for c in raw):  # urlsplit would silently drop tabs and newlines
+            raise InputError(f"{what} {shown!r}: whitespace or control characters in a URL")
         if "://" not in raw:
             raw = "https://" + raw
         parts = urlsplit(raw)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise InputError(f"{what} {text!r}: scheme must be http:// or https://")
+            raise InputError(f"{what} {shown!r}: scheme must be http:// or https://")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise InputError(
-                f"{what} {text!r}: only [http(s)://]HOST[:PORT][/PREFIX] is accepted"
+                f"{what} {shown!r}: only [http(s)://]HOST[:PORT][/PREFIX] is accepted"
                 " (credentials go in RKE2_MIRROR_USERNAME/RKE2_MIRROR_PASSWORD or a docker config)"
             )
         host = (parts.netloc or "").lower()
         if not host or not _HOST_RE.match(host):
-            raise InputError(f"{what} {text!r}: invalid host")
+            raise InputError(f"{what} {shown!r}: invalid host")
         try:
             parts.port
         except ValueError:
-            raise InputError(f"{what} {text!r}: invalid port") from None
+            raise InputError(f"{what} {shown!r}: invalid port") from None
         prefix = parts.path.strip("/")
         if prefix and not _REPO_RE.match(prefix):
-            raise InputError(f"{what} {text!r}: invalid repository prefix {prefix!r}")
+            raise InputError(f"{what} {shown!r}: invalid repository prefix {prefix!r}")
         return cls(scheme, host, prefix)
 
     @property

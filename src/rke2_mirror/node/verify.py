@@ -123,10 +123,14 @@ class VerifyReport:
 RegistryFactory = Callable[[str, "bool | str", "Credentials | None"], Registry]
 
 
-def default_registry_factory(base_url: str, verify: bool | str, credentials: Credentials | None) -> Registry:
+def default_registry_factory(base_url: str, verify: bool | str, credentials: Credentials | None, *,
+                             strict_auth_realm: bool = False, log: Callable[[str], None] | None = None) -> Registry:
+    """A client as a node's: its TLS and credentials; `strict_auth_realm` (--strict-auth-realm) and `log`
+    (its warnings) as for every Registry.  Bind them with functools.partial for `registry_factory`."""
     return Registry(base_url, verify=verify, credentials=credentials, actions="pull", jobs=4, timeout=20.0,
                     retry=RetryPolicy(attempts=2, initial_wait=0.2, max_wait=1.0),
-                    tls_flags=("tls.ca_file", "tls.insecure_skip_verify"))
+                    tls_flags=("tls.ca_file", "tls.insecure_skip_verify"),
+                    strict_auth_realm=strict_auth_realm, log=log)
 
 
 @dataclass(frozen=True)

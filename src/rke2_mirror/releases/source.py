@@ -4,7 +4,8 @@
 $RKE2_MIRROR_CHANNEL_URL, else the product's public URLs), the lists cache directory, offline or not.
 `http_get`: GET with retries of temporary failures, every other failure one `InputError` line; the body
 is streamed and refused past a cap suited to what is fetched (`LIST_MAX_BYTES`, `CHECKSUMS_MAX_BYTES`,
-`CHANNELS_MAX_BYTES`), compressed or not, and past `DOWNLOAD_DEADLINE` seconds.  The cache: verified lists
+`CHANNELS_MAX_BYTES`), compressed or not, and past `DOWNLOAD_DEADLINE` seconds; redirects are followed
+without reading their bodies.  The cache: verified lists
 and checksum files under ``<lists-dir>/<product>/<version>/``, written atomically, read back with the same
 caps (`read_capped`).
 
@@ -40,6 +41,8 @@ CHECKSUMS_MAX_BYTES = 1024 * 1024
 CHANNELS_MAX_BYTES = 1024 * 1024
 MAX_DOWNLOAD_BYTES = LIST_MAX_BYTES  # the default cap of `http_get`
 DOWNLOAD_DEADLINE = 300.0  # seconds for one download, however slowly the bytes trickle in
+MAX_REDIRECTS = 10  # GitHub release assets: one (to objects.githubusercontent.com)
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _RETRY_DELAYS = (0.5, 1.5)  # after a 5xx/429/408, a timeout or a dropped connection
 _TEMPORARY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -192,23 +195,37 @@ class _BoundedBody:
 
 def _download_once(client: httpx.Client, url: str, limit: int, what: str) -> tuple[int, bytes]:
     started = time.monotonic()
-    # Only encodings decoded here, with the cap (httpx would inflate a whole network read at once).
-    with client.stream("GET", url, follow_redirects=True, headers={"Accept-Encoding": "gzip, deflate"}) as resp:
-        if resp.status_code != 200:
-            return resp.status_code, b""
-        declared = resp.headers.get("content-length", "")
-        if declared.strip().isdigit() and int(declared) > limit:
-            raise _too_large(url, limit, what)
-        if resp.is_stream_consumed:  # a response built in memory (httpx.MockTransport): already decoded
-            body = _BoundedBody(url, limit, what, "")
-            body.feed(resp.content)
-            return 200, body.finish()
-        body = _BoundedBody(url, limit, what, resp.headers.get("content-encoding", ""))
-        for raw in resp.iter_raw(64 * 1024):
-            body.feed(raw)
-            if time.monotonic() - started > DOWNLOAD_DEADLINE:
-                raise InputError(f"{url}: still downloading after {DOWNLOAD_DEADLINE:.0f}s; refused")
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        # Redirects are followed here, not by httpx: it reads a redirect's whole body, however large.  Only
+        # the encodings decoded here, with the cap, are asked for (httpx inflates a whole network read at once).
+        with client.stream("GET", current, follow_redirects=False,
+                           headers={"Accept-Encoding": "gzip, deflate"}) as resp:
+            location = resp.headers.get("location")
+            if resp.status_code in _REDIRECT_STATUS and location:
+                current = str(resp.url.join(location))  # leaving the block closes it unread
+                continue
+            return _read_body(resp, url, limit, what, started)
+    raise InputError(f"too many redirects fetching {url}")
+
+
+def _read_body(resp: httpx.Response, url: str, limit: int, what: str, started: float) -> tuple[int, bytes]:
+    """A non-redirect answer: (status, body within the cap).  `url` is the one asked for (named in errors)."""
+    if resp.status_code != 200:
+        return resp.status_code, b""
+    declared = resp.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large(url, limit, what)
+    if resp.is_stream_consumed:  # a response built in memory (httpx.MockTransport): already decoded
+        body = _BoundedBody(url, limit, what, "")
+        body.feed(resp.content)
         return 200, body.finish()
+    body = _BoundedBody(url, limit, what, resp.headers.get("content-encoding", ""))
+    for raw in resp.iter_raw(64 * 1024):
+        body.feed(raw)
+        if time.monotonic() - started > DOWNLOAD_DEADLINE:
+            raise InputError(f"{url}: still downloading after {DOWNLOAD_DEADLINE:.0f}s; refused")
+    return 200, body.finish()
 
 
 def http_get(client: httpx.Client, url: str, limit: int = MAX_DOWNLOAD_BYTES, what: str = "an image list") -> bytes | None:

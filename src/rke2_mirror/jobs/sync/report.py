@@ -162,11 +162,19 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 _PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
+MAX_TEXTFILE_BYTES = 1024 * 1024  # ours are ~3 KiB; a larger one is not ours, and is read as garbled
+
+
 def read_textfile(path: Path) -> dict[str, float]:
-    """The first sample of each metric in a previous textfile (missing or garbled: empty)."""
+    """The first sample of each metric in a previous textfile (missing, garbled or larger than
+    MAX_TEXTFILE_BYTES: empty)."""
     out: dict[str, float] = {}
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXTFILE_BYTES + 1)
+        if len(data) > MAX_TEXTFILE_BYTES:
+            return out
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return out
     for line in text.splitlines():

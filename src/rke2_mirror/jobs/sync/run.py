@@ -33,7 +33,7 @@ from rke2_mirror.model.errors import InputError, MirrorError
 from rke2_mirror.model.oci import Platform
 from rke2_mirror.model.reference import ImageRef, merge_refs, parse_image_lines, target_ref
 from rke2_mirror.model.reference import shard as shard_refs
-from rke2_mirror.node.registries import load_yaml_mapping
+from rke2_mirror.node.registries import Registries, load_yaml_mapping
 from rke2_mirror.node.versions import RKE2Version
 from rke2_mirror.node.writer import (NodeConfig, build_registries, dump_registries, registries_have_auth,
                                      set_system_default_registry)
@@ -218,6 +218,22 @@ def check_outputs_writable(cfg: LoadedConfig, shard: tuple[int, int] | None = No
             raise InputError(f"outputs.{key}: cannot write {path} ({parent} is not a writable directory)")
 
 
+def check_node_files_readable(cfg: LoadedConfig) -> None:
+    """Fail before copying anything when an existing node file the run must parse at the end -- config.yaml
+    (its other keys are kept), registries.yaml with `node.merge` -- cannot be (too large, not UTF-8, not
+    YAML, nested too deep, an alias bomb, the wrong shape): the run then ends as any bad-input run does, exit
+    2 with the textfile saying so, instead of after the copy with no report."""
+    c, out = cfg.config, cfg.config.outputs
+    if out.config_yaml:
+        path = Path(out.config_yaml)
+        set_system_default_registry(_read(path) or "", None, str(path))
+    if out.registries_yaml and c.node.merge:
+        path = Path(out.registries_yaml)
+        old = _read(path)
+        if old:
+            Registries.from_dict(load_yaml_mapping(old, str(path)), str(path))
+
+
 def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentials | None = None,
                 max_rps: float | None = None, pull_floor: int | None = None, jobs_override: int | None = None,
                 dry_run: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
@@ -281,6 +297,7 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
     try:
         if not dry_run:
             check_outputs_writable(cfg, shard)
+            check_node_files_readable(cfg)
         creds = target_credentials(cfg)
         source_auth_file(cfg)  # checked before any download
         sets = resolve_image_sets(cfg, log, release_client)
