@@ -181,3 +181,17 @@ def test_credentials_never_follow_a_redirect_to_another_host():
         reg.ping()
     assert "redirects (HTTP 307) to http://elsewhere.test/token; not followed" in str(e.value)
     assert seen == [("auth.test", True)]  # asked once, with the credentials; elsewhere.test never
+
+
+def test_the_sync_config_key_target_strict_auth_realm_reaches_the_target(monkeypatch, tmp_path):
+    import rke2_mirror.jobs.sync.run as sync_run
+    from rke2_mirror.jobs.sync.config import LoadedConfig, parse_config
+
+    got = []
+    monkeypatch.setattr(sync_run.mirror_job, "mirror", lambda refs, target, **kw: got.append(kw) or None)
+    for text, want in (("", False), ("  strict_auth_realm: true\n", True)):
+        cfg = parse_config(f"version: 1\ntarget:\n  url: http://127.0.0.1:5000\n{text}images: [rancher/x:v1]\n",
+                           "sync.yaml", tmp_path)
+        assert cfg.target.strict_auth_realm is want
+        sync_run.mirror_refs(LoadedConfig(tmp_path / "sync.yaml", cfg), [], creds=Credentials("u", "p"))
+        assert got[-1]["target_tls"].strict_auth_realm is want

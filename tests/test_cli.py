@@ -222,7 +222,7 @@ def test_the_commands_declare_each_group_once_and_help_lists_its_options():
     for name in ("registries-yaml", "verify"):
         assert images | (release - {"--product"}) <= opts(name) and "--product" not in opts(name)
     assert release | source <= opts("list") and release <= opts("diff")
-    mirror_help = runner.invoke(app, ["mirror", "--help"]).output
+    mirror_help = " ".join(runner.invoke(app, ["mirror", "--help"]).output.split())  # however the columns wrap
     assert "CA certificate (PEM) for the source registries." in mirror_help
     assert "Attempts per operation on transient errors" in mirror_help
 

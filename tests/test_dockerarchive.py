@@ -1,8 +1,10 @@
 """`load` / `inspect` of docker archives (docker save, rancher-save-images.sh, RKE2's image tarballs):
-plain, gzip and zstd, against real docker-registry processes (and skopeo's docker-archive: writer)."""
+plain, gzip, zstd, bzip2 and lz4 (made with the real bzip2 and lz4 tools when installed), against real
+docker-registry processes (and skopeo's docker-archive: writer)."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
@@ -16,6 +18,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lz4.frame
 import pytest
 import zstandard
 from typer.testing import CliRunner
@@ -30,6 +33,8 @@ from rke2_mirror_testkit.images import (DOCKER_LIST, DOCKER_MANIFEST, ImagePushe
 from rke2_mirror_testkit.release_server import start_release_server
 
 SKOPEO = shutil.which("skopeo")
+TOOLS = {"bzip2": shutil.which("bzip2"), "lz4": shutil.which("lz4")}  # scripts/setup.sh installs them
+SUFFIX = {"gzip": ".gz", "zstd": ".zst", "bzip2": ".bz2", "lz4": ".lz4"}
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
@@ -145,13 +150,36 @@ def write_docker_archive(path: Path, images: list[DImage], *, style: str = "lega
 
 
 def compress(path: Path, kind: str, out: Path | None = None) -> Path:
-    out = out or path.with_name(path.name + (".gz" if kind == "gzip" else ".zst"))
+    """gzip, zstd, bzip2 or lz4; bzip2 and lz4 with their command-line tools (their defaults: lz4 frames
+    with a content checksum, 900k bzip2 blocks) when installed, else in Python."""
+    out = out or path.with_name(path.name + SUFFIX[kind])
     with open(path, "rb") as src, open(out, "wb") as dst:
         if kind == "gzip":
             with gzip.GzipFile(fileobj=dst, mode="wb", compresslevel=1, mtime=0) as gz:
                 shutil.copyfileobj(src, gz, 1 << 20)
-        else:
+        elif kind == "zstd":
             zstandard.ZstdCompressor(level=3, write_checksum=True).copy_stream(src, dst)
+        elif TOOLS.get(kind):
+            subprocess.run([TOOLS[kind], "-c"], stdin=src, stdout=dst, check=True, timeout=300)
+        elif kind == "bzip2":
+            with bz2.BZ2File(dst, "wb") as bz:
+                shutil.copyfileobj(src, bz, 1 << 20)
+        else:
+            with lz4.frame.LZ4FrameFile(dst, "wb", content_checksum=True) as lz:
+                shutil.copyfileobj(src, lz, 1 << 20)
+    return out
+
+
+def compress_in_pieces(path: Path, kind: str, out: Path, pieces: int = 3) -> Path:
+    """The file cut in `pieces`, each compressed on its own and the results joined: several bzip2 streams
+    (as pbzip2 writes, or `cat a.bz2 b.bz2`), several lz4 frames."""
+    data = path.read_bytes()
+    step = -(-len(data) // pieces)
+    with open(out, "wb") as dst:
+        for i in range(pieces):
+            part = out.with_name(f"{out.name}.in{i}")
+            part.write_bytes(data[i * step:(i + 1) * step])
+            dst.write(compress(part, kind).read_bytes())
     return out
 
 
@@ -164,6 +192,8 @@ class Set:
     base_diff: str = ""
     shared_layer: bytes = b""
     extra: dict = field(default_factory=dict)
+    bz2: Path | None = None  # the real tools' output (see compress)
+    lz4: Path | None = None
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +207,8 @@ def dset(tmp_path_factory) -> Set:
     z = make_image(["rancher/z:v2"], [zgz, layer_tar("z2", 2000)])
     plain = write_docker_archive(work / "images.tar", [x, y, z])
     return Set({"rancher/x:v1": x, "rancher/y:v1": y, "quay.io/other/y:latest": y, "rancher/z:v2": z},
-               plain, compress(plain, "gzip"), compress(plain, "zstd"), sha256_digest(base), base)
+               plain, compress(plain, "gzip"), compress(plain, "zstd"), sha256_digest(base), base,
+               bz2=compress(plain, "bzip2"), lz4=compress(plain, "lz4"))
 
 
 @pytest.fixture
@@ -257,6 +288,69 @@ def test_gzip_stream_members_padding_and_truncation():
                 pass
 
 
+def _lz4(data: bytes) -> bytes:
+    return lz4.frame.compress(data, content_checksum=True)
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "lz4"])
+def test_bzip2_and_lz4_streams_units_truncation_and_garbage(kind):
+    """Several bzip2 streams / lz4 frames (an empty one among them; lz4: a skippable frame too) read in
+    bounded pieces; a stream cut inside a unit is truncated, one with anything after its last unit
+    (garbage, zero padding, half a header) or a bad checksum is corrupt."""
+    comp = bz2.compress if kind == "bzip2" else _lz4
+    a, b = random.Random(3).randbytes(300_000), b"b" * 2_000_000
+    one = comp(a)
+    units = [one, comp(b""), comp(b)]
+    if kind == "lz4":
+        units.insert(1, b"\x5f\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"abc")
+    stream = b"".join(units)
+    assert codecs.kind_of(stream[:codecs.HEAD]) == kind and codecs.kind_of(stream[:3]) == "tar"  # too short to tell
+    r = codecs.decoder(kind, io.BytesIO(stream), "s")
+    got = []
+    while chunk := r.read(4096):
+        assert len(chunk) <= 4096
+        got.append(chunk)
+    assert b"".join(got) == a + b and not r.padded
+    for cut in (12, len(one) // 2, len(one) - 1, len(stream) - 1, len(stream) - 3):
+        r = codecs.decoder(kind, io.BytesIO(stream[:cut]), "s")
+        with pytest.raises(ArchiveError, match=f"truncated {kind} stream"):
+            while r.read(65536):
+                pass
+    flipped = bytearray(stream)
+    flipped[len(one) // 2] ^= 0x55
+    for bad in (stream + b"garbage!", stream + b"\0" * 512, stream + stream[:3], bytes(flipped)):
+        r = codecs.decoder(kind, io.BytesIO(bad), "s")
+        with pytest.raises(ArchiveError, match=f"corrupt {kind} stream"):
+            while r.read(65536):
+                pass
+    r = codecs.decoder(kind, io.BytesIO(stream[:1000]), "layer", codecs.LayerStreamError)  # a member: its images fail
+    with pytest.raises(codecs.LayerStreamError, match=f"layer: truncated {kind}"):
+        while r.read(65536):
+            pass
+    named = io.BytesIO()  # a tar whose first member is named BZh…: not taken for bzip2
+    with tarfile.open(fileobj=named, mode="w") as tf:
+        _add(tf, "BZh9 notes", b"x")
+    assert codecs.kind_of(named.getvalue()[:codecs.HEAD]) == "tar"
+
+
+def test_bzip2_and_lz4_reads_stay_small_whatever_the_ratio():
+    import tracemalloc
+
+    zeros = 96 * 1024 * 1024
+    for kind, packed in (("bzip2", bz2.compress(bytes(zeros))), ("lz4", _lz4(bytes(zeros)))):
+        tracemalloc.start()
+        try:
+            r = codecs.decoder(kind, io.BytesIO(packed), "s")
+            total = 0
+            while chunk := r.read(codecs.CHUNK):
+                total += len(chunk)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert total == zeros
+        assert peak < 8 * 1024 * 1024, f"{kind}: peak {peak >> 20} MiB to read {zeros >> 20} MiB"
+
+
 def test_gzip_blobs_are_deterministic_whatever_the_chunking():
     data = layer_tar("det", 300_000)
     whole = b"".join(codecs.gzip_chunks([data]))
@@ -312,6 +406,65 @@ def test_load_plain_gzip_and_zstd(dset, dst, monkeypatch):
     assert [r["status"] for r in rows] == ["skipped"] * 4 and pushed == []
     assert {r["digest"] for r in rows} == set(digests["zst"].values()) and rows[0]["note"] == da.NOTE_PRESENT
     assert "4 of 4 image(s) already at the target" in err and "pass 2" not in err
+
+
+def test_load_bzip2_and_lz4_as_zstd(dset, dst, tmp_path):
+    """.tar.bz2 / .tbz / .tar.lz4 (the real tools' output, and files of several bzip2 streams or lz4 frames
+    joined) are told from their content and loaded as a .tar.zst is: streamed in two passes, the same
+    image IDs and the same rebuilt digests as from the plain .tar."""
+    code, out, err = cli("load", dset.plain, "--to", f"{dst.url}/plain", "--json")
+    assert code == 0, err
+    want = assert_loaded(dst.url, dset.images, "plain")
+    tbz = tmp_path / "images.tbz"
+    shutil.copy(dset.bz2, tbz)
+    cases = {"bz2": (dset.bz2, "bzip2"), "tbz": (tbz, "bzip2"), "lz4": (dset.lz4, "lz4"),
+             "bz2multi": (compress_in_pieces(dset.plain, "bzip2", tmp_path / "multi.tar.bz2"), "bzip2"),
+             "lz4multi": (compress_in_pieces(dset.plain, "lz4", tmp_path / "multi.tar.lz4"), "lz4")}
+    for prefix, (path, kind) in cases.items():
+        code, out, err = cli("load", path, "--to", f"{dst.url}/{prefix}", "--json")
+        assert code == 0, (prefix, err)
+        report = json.loads(out)
+        assert report["summary"]["copied"] == 4 and report["summary"]["failed"] == 0
+        assert all(r["note"] == da.NOTE for r in report["images"])
+        assert f"({kind}, " in err and "pass 2" in err  # detected from the content; streamed like a .tar.zst
+        assert assert_loaded(dst.url, dset.images, prefix) == want, prefix
+        assert {r["digest"] for r in report["images"]} == set(want.values())
+    z = json.loads(read_manifest(dst.url, "lz4/rancher/z", "v2")[1])  # the gzip layer is pushed as it is
+    assert z["layers"][0]["digest"] == sha256_digest(dset.images["rancher/z:v2"].layers[0])
+    code, out, err = cli("load", dset.bz2, "--to", f"{dst.url}/bz2", "--json")  # rerun: nothing compressed again
+    assert code == 0, err
+    assert [r["status"] for r in json.loads(out)["images"]] == ["skipped"] * 4 and "pass 2" not in err
+    code, text, err = cli("inspect", tbz)
+    assert code == 0, err
+    assert "bzip2-compressed" in text and "docker.io/rancher/x:v1" in text
+
+
+def test_a_corrupt_bzip2_or_lz4_layer_fails_only_its_image(dst, tmp_path):
+    """Layers stored bzip2- or lz4-compressed (docker reads bzip2 layers) are checked as gzip ones are:
+    good ones load (pushed gzip-compressed, diff_ids matched), a truncated or corrupt one fails only
+    the images using it; the same inside a plain .tar, a .tar.bz2 and a .tar.lz4."""
+    good = make_image(["rancher/good:v1"], [layer_tar("g1", 3000)])
+    raw_b, raw_l, cut, bad = (layer_tar(s, 20000) for s in ("b1", "l1", "c1", "c2"))
+    packed = make_image(["rancher/packed:v1"], [bz2.compress(raw_b), _lz4(raw_l)],
+                        diff_ids=[sha256_digest(raw_b), sha256_digest(raw_l)])
+    cut_bz = make_image(["rancher/cutbz:v1"], [bz2.compress(cut)[:-20]], diff_ids=[sha256_digest(cut)])
+    flipped = bytearray(_lz4(bad))
+    flipped[-2] ^= 0xFF  # its content checksum
+    bad_lz = make_image(["rancher/badlz:v1"], [bytes(flipped)], diff_ids=[sha256_digest(bad)])
+    plain = write_docker_archive(tmp_path / "layers.tar", [good, packed, cut_bz, bad_lz])
+    for prefix, path in (("plain", plain), ("bz2", compress(plain, "bzip2")), ("lz4", compress(plain, "lz4"))):
+        code, out, err = cli("load", path, "--to", f"{dst.url}/{prefix}", "--json")
+        assert code == 1, err
+        rows = {r["source"]: r for r in json.loads(out)["images"]}
+        assert rows["docker.io/rancher/good:v1"]["status"] == "copied"
+        assert rows["docker.io/rancher/packed:v1"]["status"] == "copied"
+        assert rows["docker.io/rancher/cutbz:v1"]["status"] == "failed"
+        assert "truncated bzip2 stream" in rows["docker.io/rancher/cutbz:v1"]["error"]
+        assert rows["docker.io/rancher/badlz:v1"]["status"] == "failed"
+        assert "corrupt lz4 stream" in rows["docker.io/rancher/badlz:v1"]["error"]
+        for repo in ("rancher/cutbz", "rancher/badlz"):
+            assert list_tags(dst.url, f"{prefix}/{repo}") == []
+        assert_loaded(dst.url, {"rancher/good:v1": good, "rancher/packed:v1": packed}, prefix)
 
 
 def test_a_multi_platform_index_holding_the_image_is_kept(dset, dst):
@@ -445,12 +598,12 @@ def test_release_tarball_is_verified_against_its_checksum_file(dset, dst, tmp_pa
 
 def test_truncated_and_corrupt_streams_are_refused(dset, dst, tmp_path):
     cases = {}
-    for src, kind in ((dset.gz, "gzip"), (dset.zst, "zstd")):
+    for src, kind in ((dset.gz, "gzip"), (dset.zst, "zstd"), (dset.bz2, "bzip2"), (dset.lz4, "lz4")):
         data = src.read_bytes()
         for frac in (0.5, 0.999):
             p = tmp_path / f"cut-{frac}-{src.name}"
             p.write_bytes(data[: int(len(data) * frac)])
-            cases[p] = "truncated"
+            cases[p] = "truncated" if kind in ("gzip", "zstd") else f"truncated {kind} stream"
         p = tmp_path / f"flipped-{src.name}"
         b = bytearray(data)
         b[len(b) // 3] ^= 0xFF
@@ -546,7 +699,8 @@ def test_no_room_to_spool_fails_cleanly(dst, tmp_path):
 
 
 def test_inspect_docker_archives(dset):
-    for path, comp in ((dset.plain, None), (dset.zst, "zstd"), (dset.gz, "gzip")):
+    for path, comp in ((dset.plain, None), (dset.zst, "zstd"), (dset.gz, "gzip"), (dset.bz2, "bzip2"),
+                       (dset.lz4, "lz4")):
         code, text, err = cli("inspect", path)
         assert code == 0, err
         assert "docker archive (docker save)" in text and (comp is None or f"{comp}-compressed" in text)

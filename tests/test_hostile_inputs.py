@@ -400,15 +400,16 @@ def test_cli_registries_yaml_merge_refuses_a_hostile_existing_file_and_keeps_it(
     run_corpus({n: ["registries-yaml", "--to", "https://harbor.example.com", "--merge", "--output", str(p)]
                 for n, p in paths.items()}, forbidden=(SECRET,))
     assert {n: p.read_bytes() for n, p in paths.items()} == before  # nothing lost
-    # a hostile --config-yaml: refused, kept.  (The command writes --output before it reads --config-yaml, so
-    # the error line comes after "wrote ...registries.yaml": the cli's order, see the report of this change.)
+    # a hostile --config-yaml: refused, kept, and --output not written either (both are built before either is)
     config = tmp_path / "config.yaml"
     config.write_bytes(NASTY_YAML["alias-bomb"])
     run = cli("registries-yaml", "--to", "https://harbor.example.com", "--output", str(tmp_path / "registries.yaml"),
               "--config-yaml", str(config))
     assert run.proc.returncode == 2 and "Traceback" not in run.proc.stderr and run.seconds < FAST
-    assert run.proc.stderr.splitlines()[-1].startswith(f"rke2-mirror: error: {config}: more than 50000 YAML nodes")
+    (line,) = run.proc.stderr.splitlines()  # the error alone: no "wrote ..." before it
+    assert line.startswith(f"rke2-mirror: error: {config}: more than 50000 YAML nodes")
     assert config.read_bytes() == NASTY_YAML["alias-bomb"]
+    assert not (tmp_path / "registries.yaml").exists()
 
 
 def test_cli_sync_check_config_refuses_hostile_configs(tmp_path: Path) -> None:

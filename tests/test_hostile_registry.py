@@ -2,8 +2,8 @@
 a huge manifest, a huge error body, a huge /v2/ or token answer, bodies trickled at one byte a second, and
 token services where the credentials do not belong (another host, plain http).
 
-Each run must end within `BOUND_S` seconds with `--timeout 3 --retries 1`, its peak RSS (the child's own,
-from wait4) below `RSS_MB`, with one clear line: a failed image (exit 1), or one error (exit 2) when the
+Each run must end within `BOUND_S` seconds with `--timeout 3 --retries 1`, its peak RSS (the CLI
+process's own, from wait4) below `RSS_MB`, with one clear line: a failed image (exit 1), or one error (exit 2) when the
 configuration is at fault; no traceback, and nothing pushed to the target (a recording sink).
 
 The figures (case, refused in one line, seconds, peak RSS, pushed) are printed as a table at the end of
@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,27 +45,38 @@ class Run:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
+# Runs the command in a child of its own and writes that child's peak RSS (KiB) to argv[1].  A process
+# started by the test process directly would report the test process's peak too: Linux records the
+# memory of the process a child execs from (vfork: the parent's) in the child's ru_maxrss.
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_cli(args: list[str], tmp: Path, env: dict[str, str] | None = None, limit: float = 45.0) -> Run:
-    """The CLI in a child process; its own peak RSS from wait4; killed after `limit` seconds."""
-    out, err = tmp / "stdout", tmp / "stderr"
+    """The CLI in a child process, its own peak RSS measured; killed (its whole group) after `limit` seconds."""
+    out, err, rss = tmp / "stdout", tmp / "stderr", tmp / "maxrss"
     full_env = dict(os.environ, NO_PROXY="127.0.0.1,127.0.0.2,localhost", no_proxy="127.0.0.1,127.0.0.2,localhost",
                     **(env or {}))
     t0 = time.monotonic()
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "rke2_mirror", *args], stdout=o, stderr=e, env=full_env)
-    status = rusage = None
-    while time.monotonic() - t0 < limit:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        _, status, rusage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(rss), sys.executable, "-m", "rke2_mirror", *args],
+                                stdout=o, stderr=e, env=full_env, start_new_session=True)
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     seconds = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), seconds,
-               rusage.ru_maxrss / 1024)
+    rss_mb = int(rss.read_text()) / 1024 if rss.exists() else float("nan")
+    return Run(proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), seconds, rss_mb)
 
 
 def mirror_args(tmp: Path, source: HostileRegistry, sink: HostileRegistry, *extra: str) -> list[str]:

@@ -312,10 +312,19 @@ def test_token_auth_wrong_password(seeded, token_registry, tmp_path):
 def test_harbor_creates_missing_projects_private(seeded, harbor, tmp_path):
     src, images = seeded
     lst = write_list(tmp_path / "images.txt", list(images))
-    proc = run_cli("mirror", "--images", str(lst), "--to", harbor.url, "--ca-file", str(harbor.ca_file),
-                   "--source-endpoint", f"docker.io={src.url}",
-                   env={"RKE2_MIRROR_USERNAME": "admin", "RKE2_MIRROR_PASSWORD": "Harbor12345"})
+    args = ("mirror", "--images", str(lst), "--to", harbor.url, "--ca-file", str(harbor.ca_file),
+            "--source-endpoint", f"docker.io={src.url}")
+    env = {"RKE2_MIRROR_USERNAME": "admin", "RKE2_MIRROR_PASSWORD": "Harbor12345"}
+    # a dry run first: the projects do not exist yet (Harbor answers 401 there), so everything would be
+    # copied, and nothing is created
+    dry = run_cli(*args, "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    summary = json.loads(dry.stdout)["summary"]
+    assert summary["would_copy"] == len(images) and summary["failed"] == 0 and summary["bytes"] > 0
+    assert "would create Harbor project(s)" in dry.stderr and not harbor.projects
+    proc = run_cli(*args, "--json", env=env)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["bytes"] == summary["bytes"]  # the dry run said what would move
     assert set(harbor.projects) >= {"rancher", "library"}
     assert not harbor.projects["rancher"].public
     auth = ("admin", "Harbor12345")

@@ -453,7 +453,8 @@ def test_k3s_release_and_channel(server, client, cache) -> None:
     assert result.version == K3S and result.product == "k3s"
     assert [f.name for f in result.files] == ["k3s-images.txt"]
     assert [str(r) for r in result.images] == refs_of(REPO_LISTS / "k3s" / K3S / "k3s-images.txt")
-    assert f"k3s channel stable -> {K3S}" in notes
+    (note,) = notes  # one line for the release: the channel, the lists verified, the images
+    assert note.startswith(f"k3s channel stable -> {K3S}: 1 list verified against sha256sum-amd64.txt")
     assert (cache / "k3s" / K3S / "k3s-images.txt").is_file()
     with pytest.raises(InputError, match=r"k3s publishes a single image list \(k3s-images\.txt\)"):
         release_images(K3S, src(server, cache, "k3s"), client, flavors=["canal"])

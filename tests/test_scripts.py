@@ -94,6 +94,13 @@ def test_systemd_units():
     assert lock.startswith(f"/run/{service['Service']['RuntimeDirectory']}/")  # writable under ProtectSystem=strict
     assert timer["Timer"]["Unit"] == "rke2-mirror-sync.service" and timer["Install"]["WantedBy"] == "timers.target"
     assert timer["Timer"]["OnCalendar"]
+    # what the unit runs and the documentation it names are where the README's "Installing" steps put them
+    install = (ROOT / "README.md").read_text().split("## Installing", 1)[1].split("\n## ", 1)[0]
+    assert exec_start[0] == "/usr/local/bin/rke2-mirror"
+    assert re.search(r"^ln -s\S* /opt/rke2-mirror/bin/rke2-mirror /usr/local/bin/", install, re.M)
+    for doc in service["Unit"]["Documentation"].split():
+        assert doc.startswith("file:///"), doc
+        assert re.search(rf"^install .*README\.md {re.escape(doc[len('file://'):])}$", install, re.M), doc
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
@@ -480,3 +487,114 @@ def test_cli_start_up_imports_only_what_mirror_needs():
             "rke2_mirror.node.versions", "rke2_mirror.node.registries", "rke2_mirror.node.resolver",
             "rke2_mirror.node.writer", "rke2_mirror.releases.checksums", "rke2_mirror.jobs.sync", "tqdm"}
     assert not lazy & loaded, sorted(lazy & loaded)
+
+
+# --------------------------------------------------------------------------- the demo (scripts/demo.sh)
+
+
+def _read_until(fd: int, marker: str, buf: list[str], deadline: float) -> bool:
+    """Read the demo's output into `buf` until `marker` shows up (True) or the output ends (False)."""
+    import os
+    import select
+    import time
+
+    while marker not in "".join(buf):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail("the demo took too long:\n" + "".join(buf)[-3000:])
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return False
+            buf.append(chunk.decode(errors="replace"))
+    return True
+
+
+def test_demo_prints_what_an_operator_types_and_keeps_the_registries_until_enter(tmp_path):
+    """The demo's transcript (issue 17, item 4): every command printed as typed, before its output; the
+    dry run its --help promises; with --keep on a terminal, the printed commands run again as shown."""
+    import os
+    import pty
+    import sys
+    import time
+
+    from rke2_mirror_testkit.registry_proc import REGISTRY_BINARY
+
+    if not os.access(REGISTRY_BINARY, os.X_OK):
+        pytest.skip(f"{REGISTRY_BINARY} not installed")
+    master, slave = pty.openpty()  # stdin is a terminal: --keep waits for Enter
+    proc = subprocess.Popen([sys.executable, "-m", "rke2_mirror_testkit.demo", "--keep"], cwd=tmp_path,
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.close(slave)
+    buf: list[str] = []
+    work = None
+    try:
+        waiting = _read_until(proc.stdout.fileno(), "Press Enter to stop them", buf, time.monotonic() + 240)
+        transcript = "".join(buf)
+        assert waiting, transcript[-3000:]
+        lines = transcript.splitlines()
+        work = Path(next(l for l in lines if l.startswith("$ cd ")).split(None, 2)[2])
+
+        # every command as an operator types it: `rke2-mirror ...`, after `cd` / `export`
+        shell = [l for l in lines if l.startswith("$ ")]
+        assert shell and all(l.startswith(("$ rke2-mirror ", "$ export ", "$ cd ")) for l in shell), shell
+        assert not [l for l in lines if ".venv/bin/python -m" in l or "-m rke2_mirror" in l]
+        commands = [l.split()[2] + (" --dry-run" if "--dry-run" in l else "") for l in shell if l.startswith("$ rke2-mirror ")]
+        promised = ["list", "mirror", "mirror --dry-run", "mirror", "registries-yaml", "verify", "save", "inspect", "load"]
+        assert commands == promised
+        # the demo's --help promises the same steps, in the same order
+        help_text = " ".join(subprocess.run([sys.executable, "-m", "rke2_mirror_testkit.demo", "--help"],
+                                            capture_output=True, text=True, check=True).stdout.split())
+        at = 0
+        for step in promised:
+            found = help_text.find(step, at)
+            assert found >= 0, f"--help does not promise {step!r} after position {at}: {help_text}"
+            at = found + len(step)
+        # each command comes before its own output
+        list_at = lines.index("$ rke2-mirror list stable")
+        assert list_at < next(i for i, l in enumerate(lines) if "channel stable ->" in l)
+        dry = next(i for i, l in enumerate(lines) if l.startswith("$ rke2-mirror mirror ") and "--dry-run" in l)
+        assert re.match(r"19 images: 0 would copy, 19 already present, 0 failed", next(
+            l for l in lines[dry:] if l.startswith("19 images:"))), lines[dry:dry + 5]
+        # no jargon; the per-image sizes explained
+        assert "getHostConfigs" not in transcript and "hosts.toml" not in transcript
+        assert "copied once, with whichever image reached it first" in transcript
+        assert "keep running" in transcript
+
+        # while it waits: the printed lines, pasted into a shell, run against the registries still there
+        setup = [l[2:] for l in shell if l.startswith(("$ cd ", "$ export "))]
+        bash_script = "\n".join(["set -e", *setup, lines[dry][2:]])
+        rerun = subprocess.run(["bash", "-c", bash_script], capture_output=True, text=True, timeout=120,
+                               env={k: v for k, v in os.environ.items() if not k.startswith("RKE2_MIRROR_")})
+        assert rerun.returncode == 0, bash_script + "\n" + rerun.stderr
+        assert "19 images: 0 would copy, 19 already present, 0 failed" in rerun.stderr
+
+        os.write(master, b"\n")
+        assert proc.wait(timeout=60) == 0
+        _read_until(proc.stdout.fileno(), "\0", buf, time.monotonic() + 30)
+        tail = "".join(buf)[len(transcript):]
+        assert f"work directory kept: {work}" in tail
+        assert work.is_dir() and (work / "registries.yaml").is_file()
+        # and now they are stopped
+        stopped = subprocess.run(["bash", "-c", bash_script], capture_output=True, text=True, timeout=120)
+        assert stopped.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("keep, interactive, says", [
+    (False, False, "stop now and the work directory is removed"),
+    (True, False, "stdin is not a terminal"),
+])
+def test_demo_says_what_happens_to_the_registries(keep, interactive, says, capsys):
+    from rke2_mirror_testkit.demo import _hold_or_stop
+
+    _hold_or_stop(keep, interactive)
+    out = capsys.readouterr().out
+    assert says in out and "--keep" in out

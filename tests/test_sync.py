@@ -180,7 +180,8 @@ releases:
 
 @pytest.mark.parametrize("text, message", [
     (GOOD.replace("  url:", "  tsl: 1\n  url:"),
-     "config.yaml:3: unknown key 'target.tsl' (known: url, ca_file, insecure_skip_verify, credentials, public_projects)"),
+     "config.yaml:3: unknown key 'target.tsl' (known: url, ca_file, insecure_skip_verify, credentials, public_projects, "
+     "strict_auth_realm)"),
     (GOOD + "  - versions: [v1.28.9+rke2r1]\n    chanels: [latest]\n",
      "config.yaml:7: unknown key 'releases[1].chanels' (known: product, channels, versions, arches, flavors, "
      "release_url, channel_url, offline)"),
@@ -246,7 +247,7 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     proc = sync_cli(path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"rke2-mirror: error: {path}:3: unknown key 'target.tsl' (known: url, ca_file, "
-                                   "insecure_skip_verify, credentials, public_projects)")
+                                   "insecure_skip_verify, credentials, public_projects, strict_auth_realm)")
     assert not (tmp_path / "sync.yaml.lock").exists()  # refused before anything else
 
 

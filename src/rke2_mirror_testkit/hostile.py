@@ -58,7 +58,8 @@ def _digest(data: bytes) -> str:
 
 _MANIFEST = json.dumps({
     "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(_CONFIG), "size": len(_CONFIG)},
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(_CONFIG),
+               "size": len(_CONFIG)},
     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _digest(_LAYER),
                 "size": len(_LAYER)}],
 }).encode()
@@ -231,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.read(size + 2)
 
     def _not_found(self) -> None:
-        self._answer(404, json.dumps({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}).encode())
+        self._answer(404, b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}')
 
     # -- the API --------------------------------------------------------------------------------
     def _handle(self) -> None:
@@ -252,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.headers.get("Authorization") != "Bearer t":
                 realm = h.realm if mode == "bearer" else f"{h.url}/token"
                 challenge = f'Bearer realm="{realm}",service="hostile"'
-                return self._answer(401, b'{"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}',
+                return self._answer(401, b'{"errors": [{"code": "UNAUTHORIZED", "message": "authentication"}]}',
                                     {"WWW-Authenticate": challenge})
             if path == "/v2/":
                 return self._answer(200, b"{}")

@@ -10,7 +10,8 @@ import typer
 
 from rke2_mirror.cli.base import (CliProgress, app, copy_options, finish, gather_images, load_releases, read_image_file,
                                   release_http_client, run_command)
-from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE, TARGET_TLS, CopyTuning,
+from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, RELEASE_CHECKSUMS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE,
+                                     TARGET_TLS, CopyTuning,
                                      ImageLists, JsonOpt, PlatformOpt, PublicProjectsOpt, ReleaseOptions, ReportOutput, ToOpt,
                                      options)
 from rke2_mirror.cli.signals import interrupts
@@ -106,7 +107,9 @@ def save_command(
     tuning: CopyTuning,
     out: ReportOutput,
 ) -> None:
-    """Copy images registry -> one archive file (an OCI image layout in a tar), digests preserved."""
+    """Copy images into one archive file, digests preserved.
+
+    The archive is an OCI image layout in a tar (each blob once); `load` pushes it to a registry."""
     with interrupts() as cancel:
         opts = copy_options(tuning, cancel, platform=platform, signatures=signatures)
         split_bytes = tarfiles.parse_size(split) if split else None
@@ -135,7 +138,7 @@ def save_command(
 
 @app.command("load")
 @run_command
-@options(lists=RELEASE_LISTS.without("flavor"), tls=TARGET_TLS, tuning=COPY_TUNING, out=REPORT_OUTPUT)
+@options(lists=RELEASE_CHECKSUMS, tls=TARGET_TLS, tuning=COPY_TUNING, out=REPORT_OUTPUT)
 def load_command(
     *,
     file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part, FILE.tar.part001), "
@@ -162,8 +165,10 @@ def load_command(
     tuning: CopyTuning,
     out: ReportOutput,
 ) -> None:
-    """Push every image of an archive to TARGET under its mapped name, digests preserved (docker archives:
-    manifests rebuilt, new digests)."""
+    """Push every image of an archive to TARGET.
+
+    Each image goes under its mapped name, digests preserved (docker archives: manifests rebuilt, new
+    digests)."""
     target = RegistryURL.parse(to, what="--to")
     with interrupts() as cancel:
         opts = copy_options(tuning, cancel, platform=platform)
@@ -193,7 +198,9 @@ def inspect_command(
     name: NameOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List an archive's images, platforms and sizes; say whether it is a delta (and against what)."""
+    """List an archive's images, platforms and sizes.
+
+    Also says whether it is a delta archive, and against what."""
     with dockerarchive.open_archive(file, name=name, log=stderr_log) as reader:
         def on_blob(digest: str, error: str | None) -> None:
             if error:

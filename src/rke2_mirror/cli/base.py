@@ -20,11 +20,13 @@ import typer
 
 from rke2_mirror.cli.options import CopyTuning, ImageLists, ReleaseOptions, ReportOutput, parse_platforms
 from rke2_mirror.cli.signals import Reported, interrupts
+from rke2_mirror.cli.usage import Group
 from rke2_mirror.cli.util import error_line, stderr_log
 from rke2_mirror.engine.cancel import Cancel
 from rke2_mirror.engine.copy import CopyOptions, ImageResult, Progress, Report
 from rke2_mirror.engine.retry import RetryPolicy
 from rke2_mirror.files import write_atomic
+from rke2_mirror.jobs.common import IMAGE_LIST_MAX_BYTES, image_list_text, read_image_list
 from rke2_mirror.model.errors import InputError, MirrorError
 from rke2_mirror.model.reference import ImageRef, merge_refs, parse_image_lines
 from rke2_mirror.model.units import human as human_bytes
@@ -33,6 +35,7 @@ from rke2_mirror.releases import Log, ReleaseImages, ReleaseSource, release_imag
 F = TypeVar("F", bound=Callable[..., object])
 
 app = typer.Typer(
+    cls=Group,  # one-line usage errors, whole command summaries (cli/usage.py)
     name="rke2-mirror",
     help="Prepare offline (air-gapped) container registries for RKE2: copy a release's images into Harbor "
          "or any registry, write the matching registries.yaml, and verify it.",
@@ -216,20 +219,11 @@ def client_for(source: ReleaseSource, client: httpx.Client | None) -> Iterator[h
 
 
 def read_image_file(path: Path) -> list[ImageRef]:
-    """An `--images` file. An error names file:line. '-' is stdin."""
+    """An `--images` file (at most 4 MiB). An error names file:line. '-' is stdin."""
     if str(path) == "-":
-        return parse_image_lines(sys.stdin.read(), origin="<stdin>")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"image list {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"image list {path}: is a directory") from None
-    except UnicodeDecodeError:
-        raise InputError(f"image list {path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise InputError(f"image list {path}: {exc.strerror or exc}") from None
-    return parse_image_lines(text, origin=str(path))
+        data = sys.stdin.buffer.read(IMAGE_LIST_MAX_BYTES + 1)
+        return parse_image_lines(image_list_text(data, "<stdin>"), origin="<stdin>")
+    return read_image_list(path)
 
 
 def load_releases(releases: Sequence[str], options: ReleaseOptions, client: httpx.Client | None = None,

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from rke2_mirror import yamlsafe
 from rke2_mirror.endpoints.auth import ENV_PASSWORD, ENV_USERNAME, Credentials
 from rke2_mirror.cli.base import app, load_releases, read_image_file, run_command
 from rke2_mirror.cli.options import IMAGE_LISTS, RELEASE_LISTS, ImageLists, ReleaseOptions, StrictAuthRealmOpt, options
@@ -18,6 +19,7 @@ from rke2_mirror.model.errors import InputError
 from rke2_mirror.files import existing_mode, write_atomic
 from rke2_mirror.model.oci import Platform
 from rke2_mirror.model.reference import ImageRef, RegistryURL, merge_refs
+from rke2_mirror.releases import parse_release
 
 node_versions = LazyModule("rke2_mirror.node.versions")  # imported when a command of this module runs
 node_registries = LazyModule("rke2_mirror.node.registries")
@@ -39,30 +41,61 @@ def warn(message: str) -> None:
 
 
 def read_text(path: Path, what: str, missing_ok: bool = False) -> str:
+    """A node file's text (registries.yaml, config.yaml), reading no more than `yamlsafe.MAX_BYTES`: too
+    large, not UTF-8 or unreadable is one InputError naming it (and the line, where known)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return yamlsafe.read_text(path)
     except FileNotFoundError:
         if missing_ok:
             return ""
         raise InputError(f"{what} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} {path}: cannot read ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path}: is a directory") from None
+    except yamlsafe.YAMLRefused as exc:
+        raise InputError(exc.describe(str(path))) from None
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
 
 
-def gather(images: ImageLists, options: ReleaseOptions, required: bool) -> tuple[list[ImageRef], list[node_versions.RKE2Version]]:
-    """Images of --images and --release, and the RKE2 versions the releases resolved to."""
-    files, releases = images.files, images.releases
-    if required and not files and not releases:
+def local_images(images: ImageLists, required: bool) -> tuple[list[ImageRef], list[node_versions.RKE2Version | None]]:
+    """What can be known without the network: the images of the --images files, and per --release the RKE2
+    version its name says (None for a channel).  A bad file or release name is an InputError here, before
+    any download."""
+    if required and not images.files and not images.releases:
         raise InputError("no images given: use --images FILE and/or --release RELEASE")
-    lists = [read_image_file(p) for p in files]
+    refs = merge_refs(*[read_image_file(p) for p in images.files])
+    named: list[node_versions.RKE2Version | None] = []
+    for r in images.releases:
+        value, is_channel = parse_release(r, "rke2")
+        named.append(None if is_channel else node_versions.RKE2Version.try_parse(value))
+    return refs, named
+
+
+def with_release_images(images: ImageLists, options: ReleaseOptions, refs: list[ImageRef]
+                   ) -> tuple[list[ImageRef], list[node_versions.RKE2Version]]:
+    """`refs` merged with the --release lists (downloaded, or from the cache), and the RKE2 versions they
+    resolved to."""
+    lists = [refs]
     versions: list[node_versions.RKE2Version] = []
-    if releases:
-        for r in load_releases(releases, options, log=stderr_log):
+    if images.releases:
+        for r in load_releases(images.releases, options, log=stderr_log):
             lists.append(list(r.images))
             v = node_versions.RKE2Version.try_parse(r.version)
             if v:
                 versions.append(v)
     return merge_refs(*lists), versions
+
+
+def known_version(explicit: str | None, named: list[node_versions.RKE2Version | None],
+                  refs: list[ImageRef]) -> node_versions.RKE2Version | None:
+    """The version `pick_version` will model, when it is known before any download: --rke2-version, else the
+    oldest of the --release versions when every --release is a version (a channel is known only once
+    resolved), else the rke2-runtime tag of the --images."""
+    if explicit:
+        return node_versions.RKE2Version.parse(explicit)
+    if named:
+        return min(named) if all(v is not None for v in named) else None  # type: ignore[type-var]
+    return node_versions.version_from_images(refs)
 
 
 def pick_version(explicit: str | None, from_releases: list[node_versions.RKE2Version],
@@ -96,7 +129,7 @@ def registries_yaml_command(
     *,
     to: Annotated[str, typer.Option("--to", metavar="TARGET", help="The registry the images were copied to: [https://|http://]HOST[:PORT][/PREFIX].", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Write registries.yaml here (atomically; mode 0600 when it holds credentials). Default: stdout.", show_default=False)] = None,
-    config_yaml: Annotated[Optional[Path], typer.Option("--config-yaml", metavar="PATH", help="Also set system-default-registry in this RKE2 config.yaml (created if missing), keeping its other keys and their order. Comments in it are not kept.", show_default=False)] = None,
+    config_yaml: Annotated[Optional[Path], typer.Option("--config-yaml", metavar="PATH", help="Also set system-default-registry in this RKE2 config.yaml (created if missing), keeping its other keys, their order and its comments.", show_default=False)] = None,
     node_ca_file: Annotated[Optional[str], typer.Option("--node-ca-file", metavar="PATH", help="Path of the registry's CA certificate ON THE NODES (tls.ca_file).", show_default=False)] = None,
     insecure_skip_verify: Annotated[bool, typer.Option("--insecure-skip-verify", help="Write tls.insecure_skip_verify: true (prefer --node-ca-file).")] = False,
     with_auth: Annotated[bool, typer.Option("--with-auth", help=f"Write auth from ${ENV_USERNAME}/${ENV_PASSWORD} (or ${ENV_IDENTITY_TOKEN}).")] = False,
@@ -106,23 +139,37 @@ def registries_yaml_command(
     images: ImageLists,
     lists: ReleaseOptions,
 ) -> None:
-    """Write the registries.yaml (and config.yaml system-default-registry) that points RKE2 nodes at TARGET.
+    """Write the registries.yaml that points RKE2 nodes at TARGET.
 
     Mirror entries are written for docker.io, for every registry the images come from (with
     --release/--images) and for TARGET's host itself, each with TARGET as a full URL; a /PREFIX becomes
-    rewrite rules. configs (TLS, auth) are keyed by the endpoint's host:port. config.yaml is rewritten
-    through a YAML parser: its comments are lost.
+    rewrite rules. configs (TLS, auth) are keyed by the endpoint's host:port. With --config-yaml, its
+    system-default-registry is set too (comments and key order kept).
+
+    Local input is checked before anything is downloaded, and nothing is written unless both files can be.
     """
+    # Local input first (files exist and parse, flags combine, the version gates of a version known by its
+    # name), then the network (release lists), then the writes -- both files only once both are built.
     target = RegistryURL.parse(to, what="--to")
     if merge and output is None:
         raise InputError("--merge needs --output PATH (the registries.yaml to update)")
-    refs, versions = gather(images, lists, required=False)
-    version = pick_version(rke2_version, versions, refs)
+    sdr_host = target.host if system_default_registry else None
+    config_update = prepare_config_yaml(config_yaml, sdr_host) if config_yaml is not None else None
+    existing = None
+    if merge and output:
+        existing = node_registries.load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output))
+        node_registries.Registries.from_dict(existing, str(output))
     auth = credentials_from_env() if with_auth else None
-    existing = node_registries.load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output)) if merge and output else None
-    cfg = node_writer.NodeConfig.for_images(target, refs, node_ca_file=node_ca_file,
-                                           insecure_skip_verify=insecure_skip_verify, auth=auth, system_default_registry=system_default_registry, rke2_version=version)
-    doc, warnings = node_writer.build_registries(cfg, existing)
+    local_refs, named = local_images(images, required=False)
+    node_options = dict(node_ca_file=node_ca_file, insecure_skip_verify=insecure_skip_verify, auth=auth,
+                        system_default_registry=system_default_registry)
+    # refuses what cannot work on a version known now (the http system-default-registry trap), before any download
+    node_writer.check_node_config(node_writer.NodeConfig.for_images(
+        target, local_refs, **node_options, rke2_version=known_version(rke2_version, named, local_refs)))
+    refs, versions = with_release_images(images, lists, local_refs)
+    version = pick_version(rke2_version, versions, refs)
+    cfg = node_writer.NodeConfig.for_images(target, refs, **node_options, rke2_version=version)
+    doc, warnings = node_writer.build_registries(cfg, existing, str(output))
     text = node_writer.dump_registries(doc, cfg)
     if version is None and system_default_registry:
         warnings.append("RKE2 version unknown (give --release or --rke2-version): written for every supported release")
@@ -134,19 +181,28 @@ def registries_yaml_command(
         mode = 0o600 if secret else existing_mode(output, 0o644)
         write_atomic(output, text, mode)
         typer.echo(f"{PROG}: wrote {output}" + (" (mode 0600: it holds credentials)" if secret else ""), err=True)
-    if config_yaml is not None:
-        update_config_yaml(config_yaml, target.host if system_default_registry else None)
+    if config_update is not None:
+        config_update()
     for w in warnings:
         warn(w)
 
 
-def update_config_yaml(path: Path, host: str | None) -> None:
+def prepare_config_yaml(path: Path, host: str | None):
+    """Read and rewrite config.yaml in memory (an InputError now if it cannot be); returns what writes it."""
     old = read_text(path, "config.yaml", missing_ok=True)
     new = node_writer.set_system_default_registry(old, host, str(path))
-    if new != old:
-        write_atomic(path, new, existing_mode(path, 0o600))
-    what = f"system-default-registry: {host}" if host else "no system-default-registry"
-    typer.echo(f"{PROG}: {path}: {what}", err=True)
+
+    def write() -> None:
+        if new != old:
+            write_atomic(path, new, existing_mode(path, 0o600))
+        what = f"system-default-registry: {host}" if host else "no system-default-registry"
+        typer.echo(f"{PROG}: {path}: {what}", err=True)
+
+    return write
+
+
+def update_config_yaml(path: Path, host: str | None) -> None:
+    prepare_config_yaml(path, host)()
 
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -161,24 +217,33 @@ def verify_command(
     rke2_version: RKE2VersionOpt = None,
     node_root: Annotated[Optional[Path], typer.Option("--node-root", metavar="DIR", help="Read the files registries.yaml names (ca_file) under DIR, e.g. a copy of a node's /etc.", show_default=False)] = None,
     check_upstream: Annotated[bool, typer.Option("--check-upstream", help="Also contact upstream registries (docker.io, quay.io, ...) where a node would fall back to them; default: reported as failing, as on an air-gapped node.")] = False,
-    jobs_n: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images checked at once.")] = 4,
+    jobs_n: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, metavar="N", help="Images checked at once.")] = 4,
     as_json: JsonOpt = False,
     strict_auth_realm: StrictAuthRealmOpt = False,
     lists: ReleaseOptions,
 ) -> None:
-    """Check, as an RKE2 node would resolve them, that every image is pullable through registries.yaml.
+    """Check that RKE2 nodes would find every image.
 
-    Per image: the name the node asks for (system-default-registry applied), then the endpoints in
+    Per image, as a node resolves it through registries.yaml: the name the node asks for (system-default-registry applied), then the endpoints in
     RKE2's order (mirror endpoints, rewrite, "*", the default endpoint last) with the TLS and auth of
     configs."host:port"; the manifest and the child for --arch must be there. Exit 1 if any image
     would fail.
     """
-    refs, versions = gather(images, lists, required=True)
-    version = pick_version(rke2_version, versions, refs)
+    # local input first: the node files, --node-root, --rke2-version, the --images files and --release names
     regs = node_registries.Registries.parse(read_text(registries_yaml, "registries.yaml"), str(registries_yaml))
     conf_text = read_text(config_yaml, "config.yaml") if config_yaml else ""
     sdr = node_writer.system_default_registry_of(conf_text, str(config_yaml))
     no_default = node_writer.default_endpoint_disabled(conf_text, str(config_yaml))
+    if node_root is not None and not node_root.is_dir():
+        raise InputError(f"--node-root {node_root}: no such directory")
+    if rke2_version:
+        node_versions.RKE2Version.parse(rke2_version)
+    local_refs, _ = local_images(images, required=True)
+    ignored = regs.ignored_warning(str(registries_yaml))
+    if ignored:
+        warn(ignored)
+    refs, versions = with_release_images(images, lists, local_refs)
+    version = pick_version(rke2_version, versions, refs)
     platform = Platform("linux", (lists.arches or ("amd64",))[0])
     if len(lists.arches) > 1:
         warn(f"checking the {platform} manifests only (one node architecture at a time)")

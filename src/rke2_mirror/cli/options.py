@@ -50,19 +50,45 @@ class OptionGroup(Generic[T]):
 
     build: Callable[..., T]
     skip: frozenset[str] = frozenset()
+    helps: tuple[tuple[str, str], ...] = ()  # (parameter name, help text) replacing the option's own
 
     def without(self, *names: str) -> OptionGroup[T]:
         """The group minus these options (by parameter name); `build` gets its defaults for them."""
+        self._check(names)
+        return replace(self, skip=self.skip | frozenset(names))
+
+    def with_help(self, **helps: str) -> OptionGroup[T]:
+        """The group with another help text for these options (by parameter name): what an option does can
+        differ in one command (`load --arch` picks a checksum file, where other commands merge lists)."""
+        self._check(helps)
+        return replace(self, helps=self.helps + tuple(helps.items()))
+
+    def _check(self, names: Any) -> None:
         unknown = set(names) - set(inspect.signature(self.build).parameters)
         if unknown:
             raise TypeError(f"{self.build.__name__} has no option {', '.join(sorted(unknown))}")
-        return replace(self, skip=self.skip | frozenset(names))
 
     def parameters(self) -> list[inspect.Parameter]:
         """The options as typer reads them: keyword-only, their annotations evaluated."""
         sig = inspect.signature(self.build, eval_str=True)
-        return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()
-                if p.name not in self.skip]
+        helps = dict(self.helps)
+        return [_with_help(p.replace(kind=inspect.Parameter.KEYWORD_ONLY), helps.get(p.name))
+                for p in sig.parameters.values() if p.name not in self.skip]
+
+
+def _with_help(param: inspect.Parameter, text: str | None) -> inspect.Parameter:
+    """`param` with its typer option's help replaced by `text` (a copy: the shared alias is untouched)."""
+    if text is None:
+        return param
+    import copy
+    import typing
+
+    base, *meta = typing.get_args(param.annotation)
+    meta = [copy.copy(m) for m in meta]
+    for m in meta:
+        if hasattr(m, "help"):
+            m.help = text
+    return param.replace(annotation=Annotated[(base, *meta)])
 
 
 def options(**groups: OptionGroup[Any]) -> Callable[[F], F]:
@@ -111,27 +137,28 @@ def _evaluated(annotation: Any, fn: Callable[..., Any]) -> Any:
 
 # --------------------------------------------------------------------------- single options
 
-ToOpt = Annotated[str, typer.Option("--to", help="Target registry: [https://|http://]HOST[:PORT][/PREFIX] (https by default).")]
-CaFileOpt = Annotated[Optional[Path], typer.Option("--ca-file", help="CA certificate (PEM) the target's TLS certificate is checked against.")]
+ToOpt = Annotated[str, typer.Option("--to", metavar="TARGET", show_default=False, help="Target registry: [https://|http://]HOST[:PORT][/PREFIX] (https by default).")]
+CaFileOpt = Annotated[Optional[Path], typer.Option("--ca-file", metavar="PEM", show_default=False, help="CA certificate (PEM) the target's TLS certificate is checked against.")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure-skip-verify", help="Do not verify the target's TLS certificate (not recommended).")]
-SrcCaFileOpt = Annotated[Optional[Path], typer.Option("--src-ca-file", help="CA certificate (PEM) for the source registries.")]
+SrcCaFileOpt = Annotated[Optional[Path], typer.Option("--src-ca-file", metavar="PEM", show_default=False, help="CA certificate (PEM) for the source registries.")]
 SrcInsecureOpt = Annotated[bool, typer.Option("--src-insecure-skip-verify", help="Do not verify the source registries' TLS certificates.")]
 StrictAuthRealmOpt = Annotated[bool, typer.Option("--strict-auth-realm", help="Send a registry's credentials to its token service only on the registry's own host, and never over http for an https registry (default: allowed, with a warning naming both hosts).")]
-SourceEndpointOpt = Annotated[list[str], typer.Option("--source-endpoint", help="REGISTRY=URL: pull REGISTRY's images from URL (a URL path is a repository prefix there), e.g. docker.io=http://127.0.0.1:5000 (repeatable).")]
-PlatformOpt = Annotated[list[str], typer.Option("--platform", help="OS/ARCH[/VARIANT] to copy, e.g. linux/amd64 (repeatable; default: all platforms, digests preserved).")]
-JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Images copied at once.")]
+SourceEndpointOpt = Annotated[list[str], typer.Option("--source-endpoint", metavar="REGISTRY=URL", show_default=False, help="REGISTRY=URL: pull REGISTRY's images from URL (a URL path is a repository prefix there), e.g. docker.io=http://127.0.0.1:5000 (repeatable).")]
+PlatformOpt = Annotated[list[str], typer.Option("--platform", metavar="OS/ARCH", show_default=False, help="OS/ARCH[/VARIANT] to copy, e.g. linux/amd64 (repeatable; default: all platforms, digests preserved).")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, metavar="N", help="Images copied at once.")]
+CheckJobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, metavar="N", help="Images checked at once (with --check).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout at the end.")]
 TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=1, max=3600, metavar="SECONDS",
     help="Seconds to wait for a registry's next bytes before the attempt counts as failed (and is retried); "
          "a transfer slower than 1 KiB/s over that time is abandoned too. "
          "Raise it for a registry that takes long to commit big layers.")]
-RetriesOpt = Annotated[int, typer.Option("--retries", min=1, max=20, help="Attempts per operation on transient errors (connection errors, 408, 429, 5xx), with exponential backoff.")]
-MaxRpsOpt = Annotated[Optional[float], typer.Option("--max-rps", min=0.1, help="At most this many requests per second to each registry, all workers together (Harbor and others throttle).")]
-PullFloorOpt = Annotated[int, typer.Option("--pull-floor", min=0, help="Stop starting new images when a source's rate-limit headers (Docker Hub: ratelimit-remaining) say this many pulls are left; the rest is reported as deferred.")]
+RetriesOpt = Annotated[int, typer.Option("--retries", min=1, max=20, metavar="N", help="Attempts per operation on transient errors (connection errors, 408, 429, 5xx), with exponential backoff.")]
+MaxRpsOpt = Annotated[Optional[float], typer.Option("--max-rps", min=0.1, metavar="N", show_default=False, help="At most this many requests per second to each registry, all workers together (Harbor and others throttle).")]
+PullFloorOpt = Annotated[int, typer.Option("--pull-floor", min=0, metavar="N", help="Stop starting new images when a source's rate-limit headers (Docker Hub: ratelimit-remaining) say this many pulls are left; the rest is reported as deferred.")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Copy only part I (0-based) of N disjoint parts of the image set, chosen by a hash of each reference. Default from $JOB_COMPLETION_INDEX and $RKE2_MIRROR_SHARDS (a Kubernetes Indexed Job).")]
 PublicProjectsOpt = Annotated[bool, typer.Option("--public-projects", help="Create missing Harbor projects as public (default: private).")]
-FailedListOpt = Annotated[Optional[Path], typer.Option("--failed-list", help="Write the references that failed to this file (readable by --images).")]
+FailedListOpt = Annotated[Optional[Path], typer.Option("--failed-list", metavar="PATH", show_default=False, help="Write the references that failed to this file (readable by --images).")]
 
 # -- release image lists
 PANEL = "Release image lists"
@@ -151,7 +178,7 @@ ImagesOpt = Annotated[Optional[list[Path]], typer.Option(
     "--images", "-i", metavar="FILE",
     help="An image list file: one reference per line, '#' comments. Repeatable; '-' reads stdin.",
     show_default=False)]
-ProductOpt = Annotated[ProductChoice, typer.Option("--product", help="Whose releases: rke2 or k3s.", rich_help_panel=PANEL)]
+ProductOpt = Annotated[ProductChoice, typer.Option("--product", metavar="rke2|k3s", help="Whose releases: rke2 or k3s.", rich_help_panel=PANEL)]
 ArchOpt = Annotated[Optional[list[str]], typer.Option(
     "--arch", metavar="ARCH", help="amd64 (default), arm64, s390x. Repeatable; the lists are merged.",
     rich_help_panel=PANEL, show_default=False)]
@@ -293,6 +320,10 @@ TARGET_TLS = OptionGroup(target_tls)
 SOURCE = OptionGroup(source_options)
 IMAGE_LISTS = OptionGroup(image_lists)
 RELEASE_LISTS = OptionGroup(release_lists)
+# `load --release`: the release's checksum file, not its lists
+RELEASE_CHECKSUMS = RELEASE_LISTS.without("flavor").with_help(
+    arch="With --release: the architecture whose sha256sum-<arch>.txt FILE is checked against, amd64, arm64 "
+         "or s390x (default: from the file name, e.g. linux-arm64, else amd64).")
 COPY_TUNING = OptionGroup(copy_tuning)
 REPORT_OUTPUT = OptionGroup(report_output)
 

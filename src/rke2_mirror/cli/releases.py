@@ -15,7 +15,7 @@ import httpx
 import typer
 
 from rke2_mirror.cli.base import app, client_for, load_releases, read_image_file, run_command
-from rke2_mirror.cli.options import RELEASE_LISTS, SOURCE, JobsOpt, ReleaseOptions, options
+from rke2_mirror.cli.options import RELEASE_LISTS, SOURCE, CheckJobsOpt, ReleaseOptions, options
 from rke2_mirror.cli.util import stderr_log
 from rke2_mirror.jobs.common import SourceOptions, check_sources
 from rke2_mirror.model.reference import ImageRef
@@ -100,12 +100,14 @@ def list_command(
     check: Annotated[bool, typer.Option("--check", help="Ask the source registries for every image (manifest HEADs "
                                         "only: no pulls counted against rate limits); exit 1 if any is missing.")] = False,
     source: SourceOptions,
-    jobs: JobsOpt = 8,
+    jobs: CheckJobsOpt = 8,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document: the resolved version, "
                                               "product, arches, flavors, the lists read (with their sha256) and "
                                               "the images (with --check, what the source said of each).")] = False,
 ) -> None:
-    """Print a release's images, one reference per line, verified against its sha256sum-<arch>.txt."""
+    """Print a release's images, one reference per line.
+
+    Every list is verified against the release's sha256sum-<arch>.txt first."""
     (result,) = load_releases([release], lists, log=stderr_log)
     doc = list_document(result, lists) if json_output else None
     if not check:
@@ -154,9 +156,10 @@ def diff_command(
     lists: ReleaseOptions,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")] = False,
 ) -> None:
-    """Images added, removed and changed (same repository, new tag) from OLD to NEW.
+    """Show the images added, removed and changed from OLD to NEW.
 
-    An argument naming an existing file is read as an image list; otherwise it is a release."""
+    Changed: the same repository with a new tag. An argument naming an existing file is read as an
+    image list; otherwise it is a release."""
     with client_for(lists.source(), None) as client:
         old_side = _load_side(old, lists, client, stderr_log)
         new_side = _load_side(new, lists, client, stderr_log)

@@ -22,7 +22,7 @@ from rke2_mirror.engine.copy import ImageResult
 from rke2_mirror.model.units import human as human_bytes
 
 PullFloorOpt = Annotated[Optional[int], typer.Option(
-    "--pull-floor", min=0, show_default=False,
+    "--pull-floor", min=0, metavar="N", show_default=False,
     help="Stop starting new images when the source's rate-limit headers (Docker Hub: ratelimit-remaining) say "
          "this many pulls are left; the rest is deferred to the next run. Default: copy.pull_floor of the config.")]
 
@@ -47,11 +47,11 @@ def sync_command(
                                            show_default=False)],
     shard: ShardOpt = None,
     max_rps: Annotated[Optional[float], typer.Option(
-        "--max-rps", min=0.1, show_default=False,
+        "--max-rps", min=0.1, metavar="N", show_default=False,
         help="At most this many requests per second to each registry, all workers together. "
              "Default: copy.max_rps of the config.")] = None,
     pull_floor: PullFloorOpt = None,
-    jobs_n: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64, show_default=False,
+    jobs_n: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, max=64, metavar="N", show_default=False,
                                                   help="Images copied at once. Default: copy.jobs of the config.")] = None,
     lock: Annotated[Optional[Path], typer.Option(
         "--lock", metavar="PATH", show_default=False,
@@ -60,11 +60,13 @@ def sync_command(
         "--dry-run", help="Resolve the releases and ask the registries (manifest requests only); copy nothing, "
                           "write no output files.")] = False,
     check_config: Annotated[bool, typer.Option(
-        "--check-config", help="Only validate the config (exit 0, or 2 with file:line and the key), then exit.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log images that were already present.")] = False,
+        "--check-config", help="Only check the config and what it names without the network: the files it "
+                               "names, the outputs, the node files' version gates (exit 0, or 2 with one line).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log images that were already present, and "
+                                                                   "each image list verified.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The scheduled job: mirror everything CONFIG.yaml names, idempotently.
+    """The scheduled job: mirror everything CONFIG.yaml names.
 
     Follows channels and pinned versions (a channel that moved is copied at its new version; nothing is
     ever deleted), merges their images with extra list files, copies what is missing in one engine run
@@ -79,8 +81,11 @@ def sync_command(
     if check_config:
         cfg = job.load_config(config)
         c = cfg.config
+        for w in job.check_config(cfg):
+            typer.echo(f"{PROG}: warning: {w}", err=True)
         followed = [f"{r.product} {x}" for r in c.releases for x in r.followed] + [f"images {f}" for f in c.images]
-        typer.echo(f"{PROG}: {config}: config OK: target {cfg.target}; follows {', '.join(followed)}", err=True)
+        typer.echo(f"{PROG}: {config}: config OK: target {cfg.target}; follows {', '.join(followed)} "
+                   "(checked without the network: the releases and the target are not contacted)", err=True)
         return
     parsed_shard = parse_shard(shard)
     with interrupts() as cancel:
@@ -88,7 +93,7 @@ def sync_command(
         try:
             result = job.sync(config, shard=parsed_shard, lock_path=lock, log=stderr_log, max_rps=max_rps,
                               pull_floor=pull_floor, jobs_override=jobs_n, dry_run=dry_run, progress=progress,
-                              cancel=cancel)
+                              cancel=cancel, verbose=verbose)
         finally:
             progress.close()
     if as_json:

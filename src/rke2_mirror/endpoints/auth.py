@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -105,9 +105,12 @@ def credentials_from_file(path: Path, host: str) -> Credentials | None:
 
 
 def lookup_credentials(host: str, *, target: bool = False, env: dict[str, str] | None = None,
-                       auth_files: tuple[Path, ...] = ()) -> Credentials | None:
-    """Credentials for `host` (host[:port]): env (target only), `auth_files` (e.g. from a sync config),
-    $REGISTRY_AUTH_FILE, docker config."""
+                       auth_files: tuple[Path, ...] = (), log: Callable[[str], None] | None = None
+                       ) -> Credentials | None:
+    """Credentials for `host` (host[:port]): env (target only), then the `auths` entries of `auth_files` (e.g.
+    from a sync config), $REGISTRY_AUTH_FILE and the docker config, then the credential helper those files
+    name for the host (`credHelpers`, else `credsStore`: `credential_helper`).  `log` gets a helper's
+    warning (default: the "rke2_mirror" logger)."""
     env = os.environ if env is None else env
     if target and env.get(ENV_USERNAME):
         return Credentials(env[ENV_USERNAME], env.get(ENV_PASSWORD, ""))
@@ -120,7 +123,161 @@ def lookup_credentials(host: str, *, target: bool = False, env: dict[str, str] |
         creds = credentials_from_file(p, host)
         if creds:
             return creds
+    for p in paths:
+        helper = helper_for(p, host)
+        if helper:
+            return credential_helper(helper, host, env=env, origin=p, log=log)
     return None
+
+
+# --------------------------------------------------------------------------- docker credential helpers
+
+HELPER_TIMEOUT = 10.0  # seconds for one `docker-credential-<name> get`
+HELPER_MAX_BYTES = 64 * 1024  # of its answer (a real one is ~200 bytes)
+_HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NOT_FOUND = "credentials not found"  # docker-credential-helpers' answer (stdout, exit 1) for an unknown server
+_helper_warned: set[tuple[str, str]] = set()
+_helper_lock = threading.Lock()
+
+
+def helper_for(path: Path, host: str) -> str | None:
+    """The credential helper a docker config.json / auth.json names for `host`: its `credHelpers` entry, else
+    its `credsStore` (None when neither, or the file is absent or not JSON: `credentials_from_file` reads it
+    first and says so)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    helpers = doc.get("credHelpers")
+    if isinstance(helpers, dict):
+        want = _normalize_host(host)
+        for key, name in helpers.items():
+            if isinstance(key, str) and _normalize_host(key) == want and isinstance(name, str) and name:
+                return name
+    store = doc.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def _helper_warning(log: Callable[[str], None] | None, helper: str, host: str, problem: str) -> None:
+    with _helper_lock:  # once per helper and problem: a run builds a registry client per endpoint
+        if (helper, problem) in _helper_warned:
+            return
+        _helper_warned.add((helper, problem))
+    message = f"warning: credential helper docker-credential-{helper}: {problem}; {host} is accessed anonymously"
+    (log or logging.getLogger("rke2_mirror").warning)(message)
+
+
+def credential_helper(helper: str, host: str, *, env: Mapping[str, str] | None = None, origin: Path | None = None,
+                      log: Callable[[str], None] | None = None, timeout: float | None = None) -> Credentials | None:
+    """`docker-credential-<helper> get` with the server on stdin (`https://index.docker.io/v1/` for Docker Hub,
+    else host[:port]), answering ``{"Username": ..., "Secret": ...}`` (Username `<token>`: an identity token).
+    None when the helper knows no credentials for it, and -- after one warning, never showing the answer --
+    when the helper is not on PATH, fails, takes longer than HELPER_TIMEOUT seconds or answers more than
+    HELPER_MAX_BYTES or no such JSON."""
+    import shutil
+
+    env = os.environ if env is None else env
+    if not _HELPER_NAME.match(helper):
+        _helper_warning(log, helper[:64], host, f"not a helper name (in {origin})")
+        return None
+    program = shutil.which(f"docker-credential-{helper}", path=env.get("PATH", os.defpath))
+    if program is None:
+        _helper_warning(log, helper, host, f"not found on PATH (named in {origin})")
+        return None
+    server = "https://index.docker.io/v1/" if _normalize_host(host) == "docker.io" else _normalize_host(host)
+    run_env = dict(os.environ) if env is os.environ else {**os.environ, **env}
+    status, out, err = _run_helper([program, "get"], server.encode(), run_env,
+                                   HELPER_TIMEOUT if timeout is None else timeout)
+    if status == "timeout":
+        _helper_warning(log, helper, host, f"no answer within {HELPER_TIMEOUT if timeout is None else timeout:g}s")
+        return None
+    if status == "too-large":
+        _helper_warning(log, helper, host, f"answered more than {HELPER_MAX_BYTES // 1024} KiB")
+        return None
+    if isinstance(status, str):  # could not be started
+        _helper_warning(log, helper, host, status)
+        return None
+    if status != 0:
+        if _NOT_FOUND in out.decode("utf-8", "replace").lower() or _NOT_FOUND in err.decode("utf-8", "replace").lower():
+            return None  # the helper has nothing for this server: anonymous, as docker does
+        why = " ".join(err.decode("utf-8", "replace").split())[:120]  # its own error text, never its stdout
+        _helper_warning(log, helper, host, f"'get' failed (exit status {status})" + (f": {why}" if why else ""))
+        return None
+    try:
+        doc = json.loads(out)
+        user, secret = doc["Username"], doc["Secret"]
+        if not isinstance(user, str) or not isinstance(secret, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        _helper_warning(log, helper, host, "its answer is not the JSON {\"Username\", \"Secret\"} expected")
+        return None
+    if not secret:
+        return None
+    if user == "<token>":
+        return Credentials("", "", secret)
+    return Credentials(user, secret)
+
+
+def _run_helper(argv: list[str], stdin: bytes, env: Mapping[str, str], timeout: float
+                ) -> tuple[int | str, bytes, bytes]:
+    """(exit status, or "timeout" / "too-large"; stdout; the first 4 KiB of stderr).  The helper runs in its own
+    session and is killed, with whatever it started, when it overruns either bound."""
+    import signal
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(env), start_new_session=True)
+    except OSError as exc:
+        return f"cannot start ({exc.strerror or exc.__class__.__name__})", b"", b""
+    out, err = bytearray(), bytearray()
+    too_large = threading.Event()
+
+    def kill() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def pump(stream, buf: bytearray, limit: int, strict: bool) -> None:
+        while True:
+            chunk = stream.read1(65536)
+            if not chunk:
+                return
+            if len(buf) <= limit:
+                buf += chunk[: limit + 1 - len(buf)]
+            if strict and len(buf) > limit:
+                too_large.set()
+                kill()
+                return
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, out, HELPER_MAX_BYTES, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, 4096, False), daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    except OSError:  # it exited without reading
+        pass
+    try:
+        status: int | str = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill()
+        proc.wait()
+        status = "timeout"
+    for t in readers:
+        t.join(1.0)
+    for stream in (proc.stdout, proc.stderr):
+        try:
+            stream.close()
+        except OSError:
+            pass
+    if too_large.is_set():
+        status = "too-large"
+    return status, bytes(out), bytes(err[:4096])
 
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')

@@ -1,9 +1,16 @@
 """Compressed tar streams as RKE2 and docker write them: detection from content (not the file name),
-gzip and zstd decoders that refuse truncated or corrupt streams, and a deterministic parallel gzip
-(the same input always gives the same bytes, so a rerun pushes the same digests)."""
+gzip, zstd, bzip2 and lz4 decoders that refuse truncated or corrupt streams, and a deterministic
+parallel gzip (the same input always gives the same bytes, so a rerun pushes the same digests).
+
+Every decoder has one shape (`_Decoder`): `Codec(raw, what, err)` over a file object `raw`; `read(n)`
+returns at most n decompressed bytes (memory stays flat whatever the ratio), and b"" only at a complete
+end.  A stream that ends early, fails its own checks (CRC, checksum) or has anything but more of itself
+after its end raises `err`: StreamError (the whole file is refused) or LayerStreamError (a compressed
+member: the images using it fail).  `DECODERS` maps each kind `kind_of` tells to its decoder."""
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import os
 import threading
@@ -16,6 +23,10 @@ from rke2_mirror.model.errors import ArchiveError, MirrorError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+BZIP2_MAGIC = b"BZh"  # then the block size ('1'..'9') and the magic of a block or of the end of the stream
+BZIP2_BLOCKS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")  # pi, sqrt(pi)
+LZ4_MAGIC = b"\x04\x22\x4d\x18"  # an LZ4 frame (the lz4 tool's format; not the legacy 02 21 4C 18)
+HEAD = 10  # the bytes kind_of needs
 GZIP_LEVEL = 3
 CHUNK = 1024 * 1024
 
@@ -32,18 +43,40 @@ class LayerStreamError(MirrorError):
 # --------------------------------------------------------------------------- compression
 
 
-def sniff(path: Path) -> str | None:
-    """`gzip`, `zstd` or None (anything else) from the first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return None
+def _is_bzip2(head: bytes) -> bool:
+    """`BZh`, a block size digit, then a block's magic (or an empty stream's end): ten bytes, so a tar
+    whose first member's name starts with "BZh" is not taken for bzip2."""
+    return len(head) >= 10 and head.startswith(BZIP2_MAGIC) and 0x31 <= head[3] <= 0x39 and head[4:10] in BZIP2_BLOCKS
+
+
+def _is_skippable(head: bytes) -> bool:
+    """A skippable frame (zstd and lz4 share them: 0x184D2A50..5F)."""
+    return head[:1] != b"" and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18"
+
+
+def kind_of(head: bytes) -> str:
+    """`gzip`, `zstd`, `bzip2`, `lz4`, or `tar` (anything else: taken as uncompressed) from the first
+    bytes of a stream (HEAD of them)."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
         return "zstd"
-    return None
+    if _is_bzip2(head):
+        return "bzip2"
+    if head.startswith(LZ4_MAGIC):
+        return "lz4"
+    return "tar"
+
+
+def sniff(path: Path) -> str | None:
+    """`gzip`, `zstd`, `bzip2`, `lz4` or None (anything else) from the file's first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD)
+    except OSError:
+        return None
+    kind = kind_of(head)
+    return None if kind == "tar" else kind
 
 
 class _ZstdFrames:
@@ -94,7 +127,7 @@ class _ZstdFrames:
         if st == "magic":
             if b == ZSTD_MAGIC:
                 self._state, self._need = "fhd", 1
-            elif b[0] & 0xF0 == 0x50 and b[1:] == b"\x2a\x4d\x18":
+            elif _is_skippable(b):
                 self._state, self._need = "skipsize", 4
             else:
                 raise self.err(f"{self.what}: corrupt zstd stream (no frame where one should start)")
@@ -149,19 +182,67 @@ class Tee:
         return True
 
 
-class GzipStream:
-    """Decompressed view of a gzip stream (several members allowed, zero padding after the last
-    ignored): `read(n)` returns at most n bytes, so memory stays flat whatever the ratio.  A stream
-    that ends early or does not check out raises StreamError."""
+class _Decoder:
+    """The shape of every decoder (see the module's doc)."""
+
+    name = ""  # the kind: gzip, zstd, bzip2, lz4
+    padded = False  # gzip: zero padding after the last member (a layer with some is not pushed as it is)
 
     def __init__(self, raw, what: str, err: type[MirrorError] = StreamError):
         self._raw = raw
         self.what = what
-        self._err = err
+        self.err = err
+
+    def read(self, n: int = -1) -> bytes:
+        raise NotImplementedError
+
+
+class _Inflate:
+    """zlib's gzip decoder with the interface of bz2.BZ2Decompressor (what `_Units` drives)."""
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(31)
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._z.unconsumed_tail
+
+    @property
+    def eof(self) -> bool:
+        return self._z.eof
+
+    @property
+    def unused_data(self) -> bytes:
+        return self._z.unused_data
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        return self._z.decompress(data or self._z.unconsumed_tail, max_length)
+
+
+class _Units(_Decoder):
+    """A stream of units one after the other (gzip members, bzip2 streams, lz4 frames), each decoded by
+    a fresh `_unit()`: an object as bz2.BZ2Decompressor (decompress(data, max_length), needs_input,
+    eof, unused_data).  The stream must end right after a unit: ending inside one is truncation, and
+    anything but the start of another unit after one is corruption (Go's readers, so RKE2's, refuse it
+    too); gzip alone ignores zero padding after a member, as gzip(1) does."""
+
+    unit = ""  # "a gzip member": for messages
+    head = 4  # the bytes `_starts` needs
+    pads = False  # zero padding between or after units is ignored
+    errors: tuple[type[BaseException], ...] = ()  # what `_unit().decompress` raises on corrupt data
+
+    def __init__(self, raw, what: str, err: type[MirrorError] = StreamError):
+        super().__init__(raw, what, err)
         self._d = None
         self._tail = b""
         self._started = False
         self.padded = False
+
+    def _starts(self, head: bytes) -> bool:
+        raise NotImplementedError
+
+    def _unit(self):
+        raise NotImplementedError
 
     def _input(self) -> bytes:
         if self._tail:
@@ -171,66 +252,122 @@ class GzipStream:
 
     def read(self, n: int = -1) -> bytes:
         n = CHUNK if n is None or n < 0 else n
+        if n == 0:
+            return b""
         while True:
-            if self._d is None:  # at a member boundary
+            if self._d is None:  # between units
                 data = self._input()
                 if not data:
                     if not self._started:
-                        raise self._err(f"{self.what}: empty gzip stream")
+                        raise self.err(f"{self.what}: empty {self.name} stream")
                     return b""
-                stripped = data.lstrip(b"\x00") if self._started else data
+                stripped = data.lstrip(b"\x00") if self._started and self.pads else data
                 if not stripped:
                     self.padded = True
                     continue
-                if len(stripped) < 2:
+                if len(stripped) < self.head:
                     more = self._raw.read(CHUNK)
                     if more:
                         self._tail = stripped + more
                         continue
-                if not stripped.startswith(GZIP_MAGIC):
-                    raise self._err(f"{self.what}: corrupt gzip stream (unexpected data after a gzip member)")
+                if not self._starts(stripped):
+                    why = (f"unexpected data after {self.unit}" if self._started
+                           else f"it does not start with {self.unit}")
+                    raise self.err(f"{self.what}: corrupt {self.name} stream ({why})")
                 if len(stripped) != len(data):
                     self.padded = True
-                self._d = zlib.decompressobj(31)
+                self._d = self._unit()
                 self._started = True
                 self._tail = stripped
                 continue
-            data = self._d.unconsumed_tail or self._input()
-            if not data:
-                raise self._err(f"{self.what}: truncated gzip stream (it ends before its end marker)")
+            data = b""
+            if self._d.needs_input:
+                data = self._input()
+                if not data:
+                    raise self.err(f"{self.what}: truncated {self.name} stream (it ends inside {self.unit})")
             try:
                 out = self._d.decompress(data, n)
-            except zlib.error as exc:
-                raise self._err(f"{self.what}: corrupt gzip stream ({exc})") from None
+            except self.errors as exc:
+                raise self.err(f"{self.what}: corrupt {self.name} stream ({exc})") from None
             if self._d.eof:
-                self._tail = self._d.unused_data
+                self._tail = self._d.unused_data or b""
                 self._d = None
             if out:
                 return out
 
 
-class ZstdStream:
-    """Decompressed view of a zstd stream (several frames allowed); truncation raises StreamError."""
+class GzipStream(_Units):
+    """gzip: several members allowed, zero padding after the last ignored (`padded` tells)."""
+
+    name, unit, head, pads = "gzip", "a gzip member", 2, True
+    errors = (zlib.error,)
+
+    def _starts(self, head: bytes) -> bool:
+        return head.startswith(GZIP_MAGIC)
+
+    def _unit(self) -> _Inflate:
+        return _Inflate()
+
+
+class Bzip2Stream(_Units):
+    """bzip2: several streams allowed (pbzip2 writes one per block, `cat a.bz2 b.bz2` two), each
+    checked by libbz2 (block and stream CRCs)."""
+
+    name, unit, head = "bzip2", "a bzip2 stream", 10
+    errors = (OSError, EOFError)  # libbz2: "Invalid data stream"
+
+    def _starts(self, head: bytes) -> bool:
+        return _is_bzip2(head)
+
+    def _unit(self) -> bz2.BZ2Decompressor:
+        return bz2.BZ2Decompressor()
+
+
+class Lz4Stream(_Units):
+    """lz4 frames as the lz4 tool writes them: several allowed, skippable frames skipped; each frame
+    checked against its content checksum when it has one (the lz4 tool's default)."""
+
+    name, unit, head = "lz4", "an lz4 frame", 4
+    errors = (RuntimeError,)  # python-lz4: "LZ4F_decompress failed with code: ERROR_..."
+
+    def _starts(self, head: bytes) -> bool:
+        return head.startswith(LZ4_MAGIC) or _is_skippable(head)
+
+    def _unit(self):
+        try:
+            import lz4.frame
+        except ImportError:
+            raise self.err(f"{self.what}: lz4-compressed, but the Python package lz4 is not installed "
+                           "(pip install lz4)") from None
+        return lz4.frame.LZ4FrameDecompressor()
+
+
+class ZstdStream(_Decoder):
+    """zstd: several frames allowed, skippable frames too; truncation (which libzstd's streaming reader
+    does not report) is told by walking the frame structure as the bytes go by (_ZstdFrames)."""
+
+    name = "zstd"
 
     def __init__(self, raw, what: str, err: type[MirrorError] = StreamError):
         import zstandard
 
-        self.what = what
+        super().__init__(raw, what, err)
         self._frames = _ZstdFrames(what, err)
         self._raw = Tee(raw, self._frames.feed)
         self._error = zstandard.ZstdError
         self._r = zstandard.ZstdDecompressor().stream_reader(self._raw, read_size=CHUNK, read_across_frames=True,
                                                             closefd=False)
-        self.padded = False
 
     def read(self, n: int = -1) -> bytes:
         n = CHUNK if n is None or n < 0 else n
+        if n == 0:
+            return b""
         try:
             out = self._r.read(n)
         except self._error as exc:
             msg = str(exc)
             hint = " (made with zstd --long? decompress it first: zstd -d --long=31)" if "window" in msg.lower() else ""
-            raise self._frames.err(f"{self.what}: corrupt zstd stream ({msg}){hint}") from None
+            raise self.err(f"{self.what}: corrupt zstd stream ({msg}){hint}") from None
         if not out:
             while self._raw.read(CHUNK):  # whatever the reader left: it must be frames too
                 pass
@@ -238,16 +375,12 @@ class ZstdStream:
         return out
 
 
-def decoder(kind: str, raw, what: str, err: type[MirrorError] = StreamError):
-    return GzipStream(raw, what, err) if kind == "gzip" else ZstdStream(raw, what, err)
+DECODERS: dict[str, type[_Decoder]] = {"gzip": GzipStream, "zstd": ZstdStream, "bzip2": Bzip2Stream, "lz4": Lz4Stream}
 
 
-def kind_of(head: bytes) -> str:
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return "tar"
+def decoder(kind: str, raw, what: str, err: type[MirrorError] = StreamError) -> _Decoder:
+    """The decompressed view of `raw`, a `kind` stream (a kind `kind_of` tells, not `tar`)."""
+    return DECODERS[kind](raw, what, err)
 
 
 class RangeFile:

@@ -1,6 +1,7 @@
 """`load` and `inspect` for the tarballs people already have: docker archives (`docker save`,
 `rancher-save-images.sh`, RKE2's `rke2-images*.linux-<arch>.tar.zst` / `.tar.gz` release assets,
-skopeo `docker-archive:`), plain, gzip- or zstd-compressed (detected from the content).
+skopeo `docker-archive:`), plain, gzip-, zstd-, bzip2- or lz4-compressed (detected from the content:
+RKE2 also takes `.tar.bz2`/`.tbz` and `.tar.lz4` in agent/images).
 
 A docker archive holds `manifest.json` (`[{"Config", "RepoTags", "Layers"}]`), each image's config
 and its layers as tars, but not the registry's manifests: `load` rebuilds a Docker schema2 manifest
@@ -13,12 +14,13 @@ How the file is read (memory stays flat; nothing is extracted):
 - plain `.tar`: the tar headers are scanned once for member offsets, members are read in place with
   pread().  The gzip digest of an uncompressed layer is computed in a first read (hash only), and the
   layer is compressed again, identically, while it is uploaded: no temporary space, twice the gzip CPU.
-- `.tar.gz` / `.tar.zst` (a stream cannot be seeked): pass 1 decompresses and reads the tar once,
-  keeping only the small JSON members (manifest.json, configs) and hashing every member (diff_ids
-  checked here, before anything is written or pushed); pass 2 decompresses again and spools the layers
-  the selected images need, as they will be pushed (gzip), into a private directory under `--tmp-dir`
-  (default `$TMPDIR`, else /var/tmp), removed at the end.  Temporary space: about the size of the
-  layers gzip-compressed (roughly a `.tar.gz` of the same images; 1-1.5x a `.tar.zst`).
+- `.tar.gz` / `.tar.zst` / `.tar.bz2` / `.tar.lz4` (a stream cannot be seeked): pass 1 decompresses
+  and reads the tar once, keeping only the small JSON members (manifest.json, configs) and hashing
+  every member (diff_ids checked here, before anything is written or pushed); pass 2 decompresses
+  again and spools the layers the selected images need, as they will be pushed (gzip), into a private
+  directory under `--tmp-dir` (default `$TMPDIR`, else /var/tmp), removed at the end.  Temporary
+  space: about the size of the layers gzip-compressed (roughly a `.tar.gz` of the same images;
+  1-1.5x a `.tar.zst` or `.tar.bz2`, less than a `.tar.lz4`).
 - A name whose tag at the target already holds the same image (same config, i.e. image ID), as a
   manifest or inside a multi-platform index, is skipped before anything is compressed: a rerun costs
   pass 1 only, and an index put there by `mirror` is not replaced by one platform's manifest.
@@ -45,10 +47,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rke2_mirror.endpoints.compression import (CHUNK, LayerStreamError, ParallelGzip, RangeFile,
+from rke2_mirror.endpoints.compression import (CHUNK, HEAD, LayerStreamError, ParallelGzip, RangeFile,
                                               Sink, Tee, decoder, gzip_chunks, kind_of, read_chunks, sniff)
 from rke2_mirror.endpoints.ociarchive import ArchiveReader
-from rke2_mirror.endpoints.tarfiles import is_plain_tar, safe_member_name, tar_entries
+from rke2_mirror.endpoints.tarfiles import COMPRESSED, is_plain_tar, safe_member_name, tar_entries
 from rke2_mirror.model.units import human
 from rke2_mirror.endpoints.layout import parse_name_option
 from rke2_mirror.model.errors import ArchiveError, InputError, MirrorError, NotFound
@@ -152,7 +154,7 @@ class _Member:
     name: str
     size: int
     offset: int = -1  # plain tars: where its bytes start
-    kind: str = ""  # gzip | zstd | tar (anything uncompressed); "" until looked at
+    kind: str = ""  # gzip | zstd | bzip2 | lz4 | tar (anything uncompressed); "" until looked at
     digest: str | None = None
     diff_id: str | None = None
     usize: int | None = None
@@ -416,7 +418,7 @@ class DockerArchive:
         mm = self.members.get(self._resolve("manifest.json"))
         if mm is None:
             if self.has_index:
-                tool = {"gzip": "gunzip", "zstd": "zstd -d"}.get(self.compression or "", "")
+                tool = {kind: tool for _, kind, tool in COMPRESSED}.get(self.compression or "", "")
                 raise ArchiveError(f"{self.label} is {self.compression}-compressed and holds an OCI image layout "
                                    f"(index.json), not a docker archive: decompress it first ({tool}), then give the .tar")
             raise ArchiveError(f"{self.label}: no manifest.json nor index.json: not a docker archive or an OCI layout "
@@ -534,7 +536,7 @@ class DockerArchive:
         if m.error:
             return
         if not m.kind:
-            m.kind = kind_of(os.pread(self._fd, 4, m.offset))
+            m.kind = kind_of(os.pread(self._fd, HEAD, m.offset))
         try:
             if m.digest is None:
                 sink = Sink() if blob and m.kind != "gzip" else None
@@ -580,7 +582,7 @@ class DockerArchive:
             if self.compression is None:
                 for l in todo.values():
                     if not l.member.kind:
-                        l.member.kind = kind_of(os.pread(self._fd, 4, l.member.offset))
+                        l.member.kind = kind_of(os.pread(self._fd, HEAD, l.member.offset))
                 need = sum(l.member.size for l in todo.values() if l.member.kind != "gzip")
                 self.log(f"computing the gzip digests of {len(todo)} layers ({human(need)} to compress; "
                          f"compressed again while uploading)")
@@ -771,7 +773,7 @@ class DockerArchive:
 def open_archive(path: str | os.PathLike, *, name: str | None = None, tmp_dir: str | os.PathLike | None = None,
                  log: Log = lambda s: None) -> ArchiveReader | DockerArchive:
     """The reader for FILE: a plain tar with an OCI layout (index.json) or split parts -> ArchiveReader;
-    a docker archive (manifest.json), plain, gzip or zstd -> DockerArchive."""
+    a docker archive (manifest.json), plain or compressed (gzip, zstd, bzip2, lz4) -> DockerArchive."""
     p = Path(path)
     if not p.is_file():
         return ArchiveReader(p, name=name)  # parts, or its "no such file" error

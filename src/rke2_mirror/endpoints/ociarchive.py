@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import os
 import re
 import tarfile
@@ -38,8 +39,9 @@ from rke2_mirror.endpoints.layout import (INDEX_FILE, LAYOUT_FILE, LAYOUT_VERSIO
                                           LayoutDir, NamedImage, blob_member, check_digest, dumps_json,
                                           index_document, index_entry, is_digest, manifest_media_type, name_entries,
                                           ref_key)
-from rke2_mirror.endpoints.tarfiles import (CHUNK, COMPRESSED, _file_digest, _PartWriter, _PReadFile, _tar_end,
-                                            _tar_header, _tar_pad, _tarinfo, resolve_parts, safe_member_name, tar_entries)
+from rke2_mirror.endpoints.tarfiles import (CHUNK, COMPRESSED, _file_digest, _PReadFile, _tar_end, _tar_header,
+                                            _tar_pad, _tarinfo, open_tar_writer, resolve_parts, safe_member_name,
+                                            tar_entries)
 from rke2_mirror.engine.walk import GraphCache
 from rke2_mirror.model.errors import WorkDirError, ArchiveError, DigestMismatch, InputError, MirrorError, NotFound, UnsupportedManifest
 from rke2_mirror.model import jsondoc
@@ -47,6 +49,7 @@ from rke2_mirror.model.oci import Descriptor, sha256_digest
 from rke2_mirror.model.reference import ImageRef
 
 DELTA_FILE = "rke2-mirror-delta.json"
+DOCKER_MANIFEST_FILE = "manifest.json"  # node tarballs (save --for-node): see endpoints/nodetarball.py
 DELTA_SINCE = "io.rke2-mirror.delta.since"
 DELTA_FILE_ANNOTATION = "io.rke2-mirror.delta.file"
 
@@ -324,6 +327,7 @@ class ArchiveContent:
     blobs: dict[str, Descriptor]  # manifests + configs + layers that are included
     omitted: dict[str, Descriptor]  # delta: left out
     index: dict
+    docker_manifest: list | None = None  # node tarballs: manifest.json, written right after index.json
 
 
 class OutputError(InputError):
@@ -348,16 +352,20 @@ def plan_archive(layout: LayoutDir, images: Sequence[NamedImage], *, omit: Itera
 
 
 def write_archive(layout: LayoutDir, content: ArchiveContent, output: Path, *, split: int | None = None,
-                  delta_doc: dict | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
+                  delta_doc: dict | None = None, progress: Callable[[int], None] | None = None,
+                  compression: str | None = None) -> list[Path]:
     """Write the tar (or its parts) under temporary names, fsync, then rename into place.
 
     A blob file this run wrote itself was checked as it arrived; any other (left by an earlier
     run) is hashed again first: what the tar holds was checked.  Blob bytes are copied by the
-    kernel (the work dir is beside the output, on the same file system)."""
-    writer = _PartWriter(output, split)
+    kernel (the work dir is beside the output, on the same file system); with `compression` (gzip,
+    zstd: node tarballs) they stream through the encoder instead."""
+    writer = open_tar_writer(output, split, compression)
     try:
         small = [(LAYOUT_FILE, dumps_json({"imageLayoutVersion": LAYOUT_VERSION})),
                  (INDEX_FILE, dumps_json(content.index))]
+        if content.docker_manifest is not None:  # early in the file: a reader that scans for it stops soon
+            small.append((DOCKER_MANIFEST_FILE, (json.dumps(content.docker_manifest, indent=2) + "\n").encode()))
         if delta_doc is not None:
             small.append((DELTA_FILE, dumps_json(delta_doc)))
         for name, data in small:

@@ -12,8 +12,8 @@ more memory or wait longer than that, whatever it sends.
 from __future__ import annotations
 
 import json
-import ssl
 import re
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -234,7 +234,8 @@ class Registry:
                              headers={"Accept": ACCEPT}, params=params, cap=MAX_MANIFEST_BYTES)
         raw = resp.content  # at most MAX_MANIFEST_BYTES: the transport refused anything longer unread
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes ({tx.human_size(MAX_MANIFEST_BYTES)})")
+            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes "
+                                f"({tx.human_size(MAX_MANIFEST_BYTES)})")
         desc = Descriptor.of_bytes(resp.headers.get("content-type", "").split(";")[0], raw)
         if desc.media_type in SCHEMA1_TYPES:
             parse_manifest(desc.media_type, raw)  # raises the clear schema1 error

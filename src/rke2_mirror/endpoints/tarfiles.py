@@ -286,6 +286,95 @@ class _PartWriter:
                 pass
 
 
+# A compressed tar is written with the codec its file name says (what RKE2 goes by: rancher/wharfie
+# pkg/tarfile GetOpener and k3s's image import pick the decoder from the extension, case-insensitively).
+OUTPUT_COMPRESSION = {".tar": None, ".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tzst": "zstd"}
+# zstd as a node decodes it: wharfie's reader runs klauspost/compress with WithDecoderMaxMemory(1 << 25)
+# (pkg/tarfile/tarfile.go `MaxDecoderMemory`), which caps the window at 32 MiB (zstd/framedec.go
+# setOptions): a frame with a larger window fails there (ErrWindowSizeExceeded).  So window_log is set
+# explicitly (never left to a level that may raise it), and the size is never given to the encoder (a
+# single-segment frame, with no window descriptor, is refused when larger than the cap too).
+ZSTD_WINDOW_LOG = 25
+ZSTD_LEVEL = 3
+
+
+def output_compression(path: Path) -> str | None:
+    """The codec for a file named `path` (None: a plain tar); an unknown suffix is an InputError."""
+    name = Path(path).name.lower()
+    for suffix in sorted(OUTPUT_COMPRESSION, key=len, reverse=True):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return OUTPUT_COMPRESSION[suffix]
+    raise InputError(f"{Path(path).name}: the name must end in {', '.join(OUTPUT_COMPRESSION)} "
+                     "(it says how the file is compressed; a node reads it by its name)")
+
+
+def _encoder(kind: str):
+    """An object with compress(bytes) -> bytes and flush() -> bytes: deterministic for the same input."""
+    if kind == "gzip":
+        from rke2_mirror.endpoints.compression import ParallelGzip
+        return ParallelGzip()  # pigz-style, every core, one gzip member (Go's gzip reads it)
+    if kind == "zstd":
+        import zstandard
+        params = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG,
+                                                                write_checksum=True)
+        return zstandard.ZstdCompressor(compression_params=params).compressobj()
+    raise ValueError(f"unknown compression {kind!r}")
+
+
+class _CompressingWriter:
+    """The `_PartWriter` interface (write, copy_from, tell, commit, abort, temps) over a compressor:
+    the tar's bytes go through `kind`'s encoder into FILE.partial, renamed into place by `commit()`.
+    Memory stays flat (the encoders stream); `tell()` is the position in the tar, not in the file."""
+
+    def __init__(self, output: Path, kind: str):
+        self._out = _PartWriter(output, None)
+        self._enc = _encoder(kind)
+        self._pos = 0
+
+    @property
+    def temps(self) -> list[Path]:
+        return self._out.temps
+
+    def write(self, data) -> int:
+        n = len(data)
+        out = self._enc.compress(bytes(data))
+        if out:
+            self._out.write(out)
+        self._pos += n
+        return n
+
+    def copy_from(self, src_fd: int, size: int) -> None:
+        off = 0
+        while off < size:
+            data = os.pread(src_fd, min(CHUNK, size - off), off)
+            if not data:
+                raise WorkDirError(f"a work-dir file ended after {off} of {size} bytes; run again")
+            self.write(data)
+            off += len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def commit(self) -> list[Path]:
+        self._out.write(self._enc.flush())
+        return self._out.commit()
+
+    def abort(self) -> None:
+        self._out.abort()
+
+
+def open_tar_writer(output: Path, split: int | None = None, compression: str | None = None):
+    """Where a tar is written: FILE (or its parts) as it is, or through `compression` (gzip, zstd)."""
+    if compression is None:
+        return _PartWriter(output, split)
+    if split is not None:
+        raise InputError("a compressed file cannot be split")
+    return _CompressingWriter(output, compression)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -13,7 +13,7 @@ from rke2_mirror.endpoints.auth import Credentials, lookup_credentials
 from rke2_mirror.engine.copy import CopyEngine, CopyOptions, CopyTask, Locator, Progress, Report
 from rke2_mirror.model.errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
 from rke2_mirror.endpoints.harbor import Harbor, project_of
-from rke2_mirror.model.reference import DOCKER_HUB_API, ImageRef, RegistryURL
+from rke2_mirror.model.reference import DOCKER_HUB_API, ImageRef, RegistryURL, parse_image_lines
 from rke2_mirror.endpoints.registry import Registry
 from rke2_mirror.engine.cancel import Cancel
 from rke2_mirror.engine.retry import RetryPolicy
@@ -50,6 +50,36 @@ class SourceOptions:
     auth_file: str | None = None  # a docker config.json / auth.json read before the usual places
 
 
+IMAGE_LIST_MAX_BYTES = 4 * 1024 * 1024  # a release's list is ~10 KiB; a list of every image of 50 releases ~1 MiB
+
+
+def image_list_text(data: bytes, origin: str, what: str = "image list") -> str:
+    """An image list's bytes as text: more than IMAGE_LIST_MAX_BYTES or not UTF-8 is one InputError."""
+    if len(data) > IMAGE_LIST_MAX_BYTES:
+        raise InputError(f"{what} {origin}: more than {IMAGE_LIST_MAX_BYTES // (1024 * 1024)} MiB, the most "
+                         "accepted for an image list; refused")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{what} {origin}:{line}: not UTF-8 text") from None
+
+
+def read_image_list(path: Path | str, what: str = "image list") -> list[ImageRef]:
+    """An image list file (`--images`, a sync config's `images:`), reading no more than
+    IMAGE_LIST_MAX_BYTES + 1 bytes of it; every problem is one InputError naming the file (and the line)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(IMAGE_LIST_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path}: is a directory") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path}: {exc.strerror or exc.__class__.__name__}") from None
+    return parse_image_lines(image_list_text(data, str(path), what), origin=str(path))
+
+
 def _limiter(max_rps: float | None) -> RequestRateLimiter | None:
     return RequestRateLimiter(max_rps) if max_rps else None
 
@@ -59,7 +89,7 @@ def target_registry(target: RegistryURL, tls: TLSOptions, *, jobs: int = 8, retr
                     cancel: Cancel | None = None, log: Log | None = None) -> Registry:
     """The target; `credentials` given explicitly win over the usual lookup; `cancel` stops its requests;
     `log` gets its warnings (credentials going to a token service on another host)."""
-    creds = credentials or lookup_credentials(target.host, target=True)
+    creds = credentials or lookup_credentials(target.host, target=True, log=log)
     return Registry(target.base_url, verify=tls.verify, credentials=creds,
                     actions="pull,push", jobs=jobs, retry=retry, tls_flags=tls.flags, limiter=_limiter(max_rps),
                     cancel=cancel, strict_auth_realm=tls.strict_auth_realm, log=log)
@@ -73,7 +103,7 @@ def source_router(src: SourceOptions, *, jobs: int = 8, retry: RetryPolicy | Non
     def factory(base_url: str) -> Registry:
         host = base_url.split("://", 1)[1]
         files = (Path(src.auth_file),) if src.auth_file else ()
-        return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host, auth_files=files),
+        return Registry(base_url, verify=src.tls.verify, credentials=lookup_credentials(host, auth_files=files, log=log),
                         actions="pull",
                         jobs=jobs, retry=retry, tls_flags=src.tls.flags, limiter=_limiter(max_rps),
                         on_response=budget.observe if budget else None, cancel=cancel,
@@ -89,18 +119,62 @@ def check_endpoint(reg: Registry, role: str) -> None:
         raise InputError(f"{role} {exc}") from None
 
 
-def ensure_harbor_projects(reg: Registry, repos: Sequence[str], *, public: bool, dry_run: bool, log: Log) -> None:
+def connect_target(target: RegistryURL, tls: TLSOptions, options, *, max_rps: float | None, log: Log,
+                   repos: Sequence[str], public_projects: bool, credentials: Credentials | None = None) -> Registry:
+    """The target registry for a copy (the copy's jobs, retries and cancel token), pinged, with the Harbor
+    projects of `repos` created.  The caller closes it."""
+    tgt = target_registry(target, tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
+                          credentials=credentials, cancel=options.cancel, log=log)
+    try:
+        check_endpoint(tgt, "target")
+        ensure_harbor_projects(tgt, repos, public=public_projects, dry_run=options.dry_run, log=log)
+    except BaseException:
+        tgt.close()
+        raise
+    return tgt
+
+
+def ensure_harbor_projects(reg: Registry, repos: Sequence[str], *, public: bool, dry_run: bool,
+                           log: Log) -> list[str]:
+    """Create the Harbor projects `repos` live in (nothing when the target is not a Harbor).  A dry run
+    creates nothing and returns the projects the real run would create."""
     creds = reg.auth.credentials
     harbor = Harbor(reg, creds)
     if not harbor.detect():
-        return
+        return []
     projects = sorted({project_of(r) for r in repos})
     if dry_run:
         missing = [p for p in projects if not harbor.project_exists(p)]
         if missing:
             log(f"dry run: would create Harbor project(s): {', '.join(missing)}")
-        return
+        return missing
     harbor.ensure_projects(projects, public=public, log=log)
+    return []
+
+
+class ProjectsToCreate:
+    """A dry run's view of a target whose Harbor projects the real run would create first: their
+    repositories are empty (Harbor answers 401 for a project that does not exist).  Everything else is
+    the registry's own answer."""
+
+    def __init__(self, registry: Registry, projects: Sequence[str]):
+        self._registry = registry
+        self._projects = frozenset(projects)
+
+    def _new(self, repo: str) -> bool:
+        return project_of(repo) in self._projects
+
+    def head_manifest(self, repo: str, reference: str):
+        return None if self._new(repo) else self._registry.head_manifest(repo, reference)
+
+    def repository_is_new(self, repo: str) -> bool:
+        return self._new(repo) or self._registry.repository_is_new(repo)
+
+    def has_blob(self, repo: str, desc) -> bool:
+        return not self._new(repo) and self._registry.has_blob(repo, desc)
+
+    def __getattr__(self, name: str):  # location, and the write side a dry run never calls
+        return getattr(self._registry, name)
 
 
 def check_source_endpoints(router: SourceRouter, refs: Sequence[ImageRef]) -> None:

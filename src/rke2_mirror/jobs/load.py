@@ -43,12 +43,9 @@ def load(reader: ArchiveReader | DockerArchive, target: RegistryURL, *, target_t
     if not tasks:
         raise InputError(f"{reader.label}: index.json names no images")
     graphs = plan_graphs(reader, options.platforms)
-    tgt = jobs.target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
-                               cancel=options.cancel, log=log)
+    tgt = jobs.connect_target(target, target_tls, options, max_rps=max_rps, log=log,
+                              repos=[t.target.repository for t in tasks], public_projects=public_projects)
     try:
-        jobs.check_endpoint(tgt, "target")
-        jobs.ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
-                                    dry_run=options.dry_run, log=log)
         assume: frozenset[str] = frozenset()
         if reader.delta is not None:
             mounts = _check_delta(reader, graphs, tgt, target, options.blob_jobs, frozenset(mount_from))
@@ -186,12 +183,9 @@ def _load_docker(da: DockerArchive, target: RegistryURL, *, target_tls: jobs.TLS
                          f"{have} (RKE2's image tarballs hold one platform each: take the one for that platform, "
                          f"e.g. rke2-images.linux-arm64.tar.zst)")
     t0 = time.monotonic()
-    tgt = jobs.target_registry(target, target_tls, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
-                               cancel=options.cancel, log=log)
+    tgt = jobs.connect_target(target, target_tls, options, max_rps=max_rps, log=log,
+                              repos=[t.target.repository for t in tasks], public_projects=public_projects)
     try:
-        jobs.check_endpoint(tgt, "target")
-        jobs.ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
-                                    dry_run=options.dry_run, log=log)
         tasks = _present(da, tasks, tgt, options.jobs)
         present = sum(1 for t in tasks if t.done is not None)
         if present:

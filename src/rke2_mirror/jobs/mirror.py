@@ -9,7 +9,7 @@ from rke2_mirror.endpoints.auth import Credentials
 from rke2_mirror.endpoints.ratelimit import PullBudget
 from rke2_mirror.endpoints.routing import TargetLocator
 from rke2_mirror.engine.copy import CopyOptions, CopyTask, Progress, Report
-from rke2_mirror.jobs.common import (Log, SourceOptions, TLSOptions, check_endpoint, check_source_endpoints, counts_pulls,
+from rke2_mirror.jobs.common import (Log, ProjectsToCreate, SourceOptions, TLSOptions, check_endpoint, check_source_endpoints, counts_pulls,
                                      ensure_harbor_projects, run_copy, source_router, target_registry)
 from rke2_mirror.model.reference import ImageRef, RegistryURL, target_ref
 
@@ -36,12 +36,13 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
     try:
         check_endpoint(tgt, "target")
         check_source_endpoints(router, refs)
-        ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
-                               dry_run=options.dry_run, log=log)
+        to_create = ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
+                                           dry_run=options.dry_run, log=log)
         if options.dry_run and counts_pulls(router, refs):
             log("dry run: Docker Hub counts manifest GETs as pulls, so only HEADs are sent and sizes are not reported")
         options = replace(options, stop_check=budget.exhausted)
-        report = run_copy(tasks, router, TargetLocator(tgt), options, progress)
+        dst = ProjectsToCreate(tgt, to_create) if to_create else tgt
+        report = run_copy(tasks, router, TargetLocator(dst), options, progress)
         if budget.remaining is not None or budget.hit_429:
             report.rate_limit = budget.to_json()
             left = f"{budget.remaining}" + (f" of {budget.limit}" if budget.limit else "")

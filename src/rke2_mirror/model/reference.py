@@ -170,10 +170,17 @@ def target_ref(src: ImageRef, target: RegistryURL) -> ImageRef:
     return ImageRef(target.host, target.repository(src.repository), src.tag, src.digest)
 
 
+BAD_LINES_SHOWN = 3  # bad lines of a list named in its error, with file:line
+_BAD_LINE_CHARS = 160  # characters of one bad line's message
+
+
 def parse_image_lines(text: str, origin: str = "<input>") -> list[ImageRef]:
-    """Parse a list file: one reference per line, `#` comments and blanks ignored, duplicates collapsed."""
+    """Parse a list file: one reference per line, `#` comments and blanks ignored, duplicates collapsed.
+    Bad lines are one InputError: the first `BAD_LINES_SHOWN` with ``origin:line`` and how many in all."""
     seen: set[ImageRef] = set()
     out: list[ImageRef] = []
+    bad: list[str] = []
+    nbad = 0
     for lineno, line in enumerate(text.splitlines(), 1):
         content = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
         if not content:
@@ -181,10 +188,19 @@ def parse_image_lines(text: str, origin: str = "<input>") -> list[ImageRef]:
         try:
             ref = ImageRef.parse(content)
         except InputError as exc:
-            raise InputError(f"{origin}:{lineno}: {exc}") from None
+            nbad += 1
+            if len(bad) < BAD_LINES_SHOWN:
+                msg = str(exc)
+                bad.append(f"{origin}:{lineno}: " + (msg if len(msg) <= _BAD_LINE_CHARS else msg[:_BAD_LINE_CHARS] + "..."))
+            continue
         if ref not in seen:
             seen.add(ref)
             out.append(ref)
+    if nbad == 1:
+        raise InputError(bad[0])
+    if nbad:
+        more = f"; and {nbad - len(bad)} more" if nbad > len(bad) else ""
+        raise InputError(f"{'; '.join(bad)}{more} ({nbad} lines of {origin} are not image references)")
     return out
 
 

@@ -56,24 +56,52 @@ class Mirror:
     rewrites: tuple[tuple[str, str], ...] = ()
 
 
+TOP_LEVEL_KEYS = ("mirrors", "configs")  # all RKE2 (k3s `registries.Registry`) reads of the file
+
+
 @dataclass(frozen=True)
 class Registries:
     mirrors: Mapping[str, Mirror] = field(default_factory=dict)
     configs: Mapping[str, RegistryConfig] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()  # top-level keys RKE2 does not read (as messages show them)
 
     @classmethod
     def from_dict(cls, doc: Mapping | None, origin: str = "registries.yaml") -> "Registries":
-        """Validate the document as RKE2 reads it (unknown keys are ignored, as RKE2 does)."""
+        """Validate the document as RKE2 reads it (unknown keys are ignored, as RKE2 does; the top-level ones
+        are kept in `ignored`, for `ignored_warning`)."""
         doc = doc or {}
         if not isinstance(doc, Mapping):
             raise InputError(f"{origin}: expected a mapping with `mirrors` and `configs`")
         mirrors = {str(k): _parse_mirror(v, f"{origin}: mirrors.{show_key(k)}") for k, v in _mapping(doc.get("mirrors"), origin, "mirrors").items()}
         configs = {str(k): _parse_config(v, f"{origin}: configs.{show_key(k)}") for k, v in _mapping(doc.get("configs"), origin, "configs").items()}
-        return cls(mirrors, configs)
+        return cls(mirrors, configs, unknown_top_level_keys(doc))
 
     @classmethod
     def parse(cls, text: str | bytes, origin: str = "registries.yaml") -> "Registries":
         return cls.from_dict(load_yaml_mapping(text, origin), origin)
+
+    def ignored_warning(self, origin: str = "registries.yaml") -> str | None:
+        """What to tell the user about top-level keys RKE2 ignores (a misspelled `mirrors:`), or None."""
+        return ignored_keys_warning(self.ignored, origin)
+
+
+def unknown_top_level_keys(doc: Mapping) -> tuple[str, ...]:
+    return tuple(show_key(k) for k in list(doc)[:1000] if k not in TOP_LEVEL_KEYS)
+
+
+def ignored_keys_warning(keys: tuple[str, ...], origin: str = "registries.yaml") -> str | None:
+    if not keys:
+        return None
+    import difflib
+
+    hints = []
+    for k in keys[:10]:
+        close = difflib.get_close_matches(str(k).lower(), TOP_LEVEL_KEYS, n=1, cutoff=0.6)
+        hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+    plural = "s" if len(keys) > 1 else ""
+    return (f"{origin}: unknown top-level key{plural} {', '.join(hints)}{more}: RKE2 reads only 'mirrors' and "
+            "'configs' and ignores the rest")
 
 
 show_key = yamlsafe.shown  # a key as a message shows it (short, one line)

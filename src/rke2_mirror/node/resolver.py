@@ -257,8 +257,8 @@ def _attempt(puller: str, name: ImageRef, ep: Endpoint, regs: Registries, versio
     tls = cfg.tls if cfg else None
     auth = cfg.auth if cfg else None
     if merged:
-        notes.append(f"the last mirror endpoint equals the default endpoint {ep.url}: containerd uses it as the "
-                     "default endpoint, without rewrites (hosts.toml, k3s getHostConfigs)")
+        notes.append(f"the last mirror endpoint is the registry's own default endpoint {ep.url}: a node tries it "
+                     "as the default endpoint, where rewrite rules do not apply")
     if is_default and puller == "containerd" and tls is not None and ep.scheme == "https":
         if not honours_default_endpoint_tls(version):
             notes.append(f"configs.{cfg_key!r}.tls ignored on the default endpoint by RKE2 {version} (rancher/rke2#5658); "

@@ -108,8 +108,10 @@ def render_registries_yaml(target: RegistryURL, source_registries: Iterable[str]
     return dump_registries(doc, cfg), warnings
 
 
-def build_registries(cfg: NodeConfig, existing: Mapping | None = None) -> tuple[dict, list[str]]:
-    """The registries.yaml document (a plain dict) for `cfg`, merged into `existing` if given."""
+def build_registries(cfg: NodeConfig, existing: Mapping | None = None,
+                     origin: str = "existing registries.yaml") -> tuple[dict, list[str]]:
+    """The registries.yaml document (a plain dict) for `cfg`, merged into `existing` (read from `origin`,
+    the name its errors give) if given."""
     warnings = check_node_config(cfg)
     ep = cfg.endpoint
     mirrors: dict[str, dict] = {}
@@ -123,7 +125,7 @@ def build_registries(cfg: NodeConfig, existing: Mapping | None = None) -> tuple[
     configs = {h: dict(entry) for h in hosts} if entry else {}
     if existing is None:
         return {"mirrors": mirrors, **({"configs": configs} if configs else {})}, warnings
-    doc, merge_warnings = merge_registries(existing, mirrors, configs)
+    doc, merge_warnings = merge_registries(existing, mirrors, configs, origin)
     return doc, warnings + merge_warnings
 
 
@@ -205,11 +207,15 @@ def check_node_config(cfg: NodeConfig) -> list[str]:
     return warnings
 
 
-def merge_registries(existing: Mapping, mirrors: Mapping[str, dict], configs: Mapping[str, dict]) -> tuple[dict, list[str]]:
-    """`existing` with our mirrors (replacing same-named entries) and configs (our `auth` and trust
-    setting replace theirs; a client certificate and other keys are kept); every other entry is kept."""
-    Registries.from_dict(existing, "existing registries.yaml")  # validate before touching it
+def merge_registries(existing: Mapping, mirrors: Mapping[str, dict], configs: Mapping[str, dict],
+                     origin: str = "existing registries.yaml") -> tuple[dict, list[str]]:
+    """`existing` (read from `origin`) with our mirrors (replacing same-named entries) and configs (our `auth`
+    and trust setting replace theirs; a client certificate and other keys are kept); every other entry is kept."""
+    parsed = Registries.from_dict(existing, origin)  # validate before touching it
     warnings: list[str] = []
+    ignored = parsed.ignored_warning(origin)
+    if ignored:
+        warnings.append(ignored + " (kept as they are)")
     doc = dict(existing)
     old_m = dict(doc.get("mirrors") or {})
     for k, v in mirrors.items():
@@ -279,14 +285,58 @@ SDR_KEY = "system-default-registry"
 
 
 def set_system_default_registry(config_text: str, host: str | None, origin: str = "config.yaml") -> str:
-    """config.yaml with `system-default-registry: host` (None: the key removed); every other key and
-    the order of keys kept.  Comments are not kept (PyYAML round trip)."""
-    doc = load_yaml_mapping(config_text, origin)
-    if host is None:
-        doc.pop(SDR_KEY, None)
-    else:
-        doc[SDR_KEY] = _Quoted(host)  # replaced in place, or appended
-    return _dump(doc) if doc else ""
+    """config.yaml with `system-default-registry: host` (None: the key removed); every other key, the order
+    of keys and the comments kept (a ruamel.yaml round trip).  The text is first parsed within `yamlsafe`'s
+    bounds (size, depth, alias expansion), so only a document that passed them reaches ruamel.  Unchanged
+    text when the key already says so."""
+    doc = load_yaml_mapping(config_text, origin)  # bounded; InputError naming `origin`
+    current = doc.get(SDR_KEY)
+    if (host is None and SDR_KEY not in doc) or (host is not None and current == host):
+        return config_text
+    if not doc and host is not None:
+        # empty, or only comments (ruamel gives no document to attach the key to): append the key
+        body = config_text if not config_text or config_text.endswith("\n") else config_text + "\n"
+        return body + _dump({SDR_KEY: _Quoted(host)})
+    return _round_trip_set(config_text, host, origin)
+
+
+def _round_trip_set(config_text: str, host: str | None, origin: str) -> str:
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError as RuamelError
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.allow_duplicate_keys = True
+    rt.width = 4096
+    offset = _sequence_offset(config_text)
+    rt.indent(mapping=2, sequence=offset + 2, offset=offset)
+    try:
+        doc = rt.load(config_text)
+        if host is None:
+            del doc[SDR_KEY]
+        else:
+            doc[SDR_KEY] = DoubleQuotedScalarString(host)  # replaced in place, or appended
+        out = io.StringIO()
+        rt.dump(doc, out)
+    except (RuamelError, ValueError, TypeError, RecursionError) as exc:
+        raise InputError(f"{origin}: cannot be rewritten keeping its comments ({exc.__class__.__name__})") from None
+    text = out.getvalue()
+    return "" if text.strip() in ("", "{}") else text
+
+
+_SEQ_UNDER_KEY = re.compile(r"^(?P<key>[ ]*)[^\s#-][^\n]*:[ \t]*(?:#[^\n]*)?\n(?:[ ]*#[^\n]*\n)*(?P<dash>[ ]*)- ", re.M)
+
+
+def _sequence_offset(text: str) -> int:
+    """How far the file indents a block list's dashes under their key (`tls-san:\n  - a` is 2), so that the
+    lists of a rewritten file keep their look."""
+    m = _SEQ_UNDER_KEY.search(text)
+    if not m:
+        return 0
+    return max(0, min(8, len(m["dash"]) - len(m["key"])))
 
 
 def default_endpoint_disabled(config_text: str, origin: str = "config.yaml") -> bool:

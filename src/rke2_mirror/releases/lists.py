@@ -46,7 +46,8 @@ from rke2_mirror.releases.source import (
 
 # The docker-tag spelling of a version (`+` is not allowed in tags): v1.28.9-rke2r1.
 _DOCKERIZED_RE = re.compile(r"^(v\d+\.\d+\.\d+(?:-rc\d+)?)-((?:rke2r|k3s)\d+)$")
-_BARE_VERSION_RE = re.compile(r"^v?\d+\.\d+\.\d+$")
+# A version with a part missing: `1.28.9`, `v1.28.9`, `1.28.9+rke2r1`, `1.28.9-rke2r1` (never a channel name).
+_VERSION_LOOKALIKE_RE = re.compile(r"^(?P<v>v?)(?P<core>\d+\.\d+\.\d+(?:-rc\d+)?)(?:[+-](?P<build>(?:rke2r|k3s)\d+))?$")
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_LISTED = 100  # channels named in an "unknown channel" message
 _CHECKSUM_LINE_RE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(?:\./)?(\S+)$")
@@ -128,15 +129,18 @@ class ImageDiff:
 # --------------------------------------------------------------------------- parsing (pure)
 
 
-def parse_release(text: str) -> tuple[str, bool]:
+def parse_release(text: str, product: str = "rke2") -> tuple[str, bool]:
     """``(value, is_channel)``. ``v1.28.9+rke2r1`` is a version, and so is ``v1.28.9-rke2r1``, written
-    back with its ``+``. ``stable``, ``latest`` and ``v1.28`` are channels."""
+    back with its ``+``. ``stable``, ``latest`` and ``v1.28`` are channels.  A version with a part missing
+    (``1.28.9``, ``v1.28.9``, ``1.28.9+rke2r1``) is an InputError saying which part (`product` names the
+    build suffix), not a channel."""
     s = text.strip()
     if VERSION_RE.match(s):
         return s, False
     m = _DOCKERIZED_RE.match(s)
     if m:
         return f"{m[1]}+{m[2]}", False
+    _refuse_version_lookalike(s, product)
     if _CHANNEL_RE.match(s):
         return s, True
     raise InputError(f"invalid release {text!r}: give a version like v1.28.9+rke2r1 or a channel like stable")
@@ -218,7 +222,7 @@ def fetch_channels(source: ReleaseSource, client: httpx.Client) -> dict[str, str
 
 def resolve_version(release: str, source: ReleaseSource, client: httpx.Client | None, log: Log = _quiet) -> str:
     """A version is returned as is. A channel is looked up at the channel server, which gives its latest version."""
-    value, is_channel = parse_release(release)
+    value, is_channel = parse_release(release, source.product)
     if not is_channel:
         return value
     if source.offline:
@@ -232,9 +236,6 @@ def resolve_version(release: str, source: ReleaseSource, client: httpx.Client | 
     channels = fetch_channels(source, client)
     if value not in channels:
         hint = ""
-        if _BARE_VERSION_RE.match(value):
-            suffix = "rke2r1" if source.product == "rke2" else "k3s1"
-            hint = f"; a version needs its build suffix, e.g. {value}+{suffix}"
         known = ", ".join(list(channels)[:_MAX_LISTED]) or "(none)"
         if len(channels) > _MAX_LISTED:
             known += f", and {len(channels) - _MAX_LISTED} more"
@@ -245,6 +246,33 @@ def resolve_version(release: str, source: ReleaseSource, client: httpx.Client | 
         raise InputError(f"channel {value!r} at {source.channel_url} has no usable latest version ({shown})")
     log(f"{source.product} channel {value} -> {latest}")
     return latest
+
+
+def _refuse_version_lookalike(value: str, product: str) -> None:
+    """`1.28.9`, `v1.28.9`, `1.28.9+rke2r1`: a version with a part missing, not a channel (channels are
+    `stable`, `latest`, `v1.28`): say what a version looks like, without asking a channel server."""
+    m = _VERSION_LOOKALIKE_RE.match(value)
+    if not m:
+        return
+    suffix = "rke2r1" if product == "rke2" else "k3s1"
+    example = f"v{m['core']}+{m['build'] or suffix}"
+    missing = [what for what, absent in (("the 'v' prefix", not m["v"]), ("its build suffix", not m["build"]))
+               if absent]
+    line = "v" + ".".join(m["core"].split(".")[:2])
+    raise InputError(f"{value!r} is not a channel but {'an' if product == 'rke2' else 'a'} {product} version with a part missing: it needs "
+                     f"{' and '.join(missing)}, e.g. {example} (channels are names like stable, latest, {line})")
+
+
+def cached_hint(source: ReleaseSource, limit: int = 10) -> str:
+    """`cached rke2 versions in DIR: a, b, ...` (the newest `limit`), or that DIR holds none."""
+    have = cached_versions(source)
+    where = source.lists_dir / source.product
+    if not have:
+        return f"{where} holds no cached {source.product} versions"
+    have = sorted(have, key=lambda v: [int(n) for n in re.findall(r"\d+", v)])
+    shown = have[-limit:]
+    more = f" (and {len(have) - limit} older)" if len(have) > limit else ""
+    return f"cached {source.product} versions in {where}: {', '.join(shown)}{more}"
 
 
 # --------------------------------------------------------------------------- reading one release
@@ -279,7 +307,8 @@ class ReleaseFetcher:
                 raw = read_capped(path, CHECKSUMS_MAX_BYTES, "a checksum file")
             except FileNotFoundError:
                 raise InputError(
-                    f"no cached {name} for {self.source.product} {self.version} in {path.parent}: offline use needs the "
+                    f"no cached {name} for {self.source.product} {self.version} in {path.parent} "
+                    f"({cached_hint(self.source)}); a typo in the version or --lists-dir? Offline use needs the "
                     f"lists fetched on a connected machine (rke2-mirror list {self.version} --product "
                     f"{self.source.product} --arch {arch}) and that directory copied here (--lists-dir)"
                 ) from None
@@ -369,13 +398,19 @@ def release_images(
     arches: Sequence[str] = DEFAULT_ARCHES,
     flavors: Sequence[str] = DEFAULT_FLAVORS,
     log: Log = _quiet,
+    *,
+    detail: Log = _quiet,
+    summary: bool = True,
 ) -> ReleaseImages:
     """The verified images of one release for the given arches × flavors, merged with duplicates removed,
-    in stable order (arch by arch, flavor by flavor, each list in its own order)."""
+    in stable order (arch by arch, flavor by flavor, each list in its own order).
+
+    `log` gets one line for the release (the channel it was resolved from, the lists verified, the images;
+    not with `summary=False`) and warnings (a list that could not be cached); `detail` one line per list."""
     arches_t, flavors_t = check_arches(arches), check_flavors(flavors)
     spec = source.spec
     assets = [(arch, flavor, spec.list_asset(flavor, arch)) for arch in arches_t for flavor in flavors_t]
-    version = resolve_version(release, source, client, log)
+    version = resolve_version(release, source, client, detail)
     if not source.offline and client is None:
         raise ValueError("release_images: an httpx.Client is needed online")
     fetcher = ReleaseFetcher(source, version, client, log)
@@ -396,9 +431,15 @@ def release_images(
         refs = parse_image_lines(text, origin=f"{version}/{asset}")
         if not source.offline:
             cache_write(source.cache_dir(version) / asset, data, log)
-        log(f"{what}: {asset} verified ({len(refs)} images, sha256 {digest[:12]})")
+        detail(f"{what}: {asset} verified ({len(refs)} images, sha256 {digest[:12]})")
         files.append(ListFile(asset, arch, flavor, digest, origin, len(refs)))
         lists.append(refs)
-    if source.offline:
-        log(f"{what}: read from the cache in {source.cache_dir(version)}")
-    return ReleaseImages(source.product, release, version, tuple(merge_refs(*lists)), tuple(files))
+    images = tuple(merge_refs(*lists))
+    if summary:
+        lead = what if parse_release(release, source.product)[1] is False else \
+            f"{source.product} channel {release.strip()} -> {version}"
+        sums = ", ".join(Product.checksum_asset(a) for a in checksums)
+        count = f"{len(files)} list{'s' if len(files) != 1 else ''}"
+        where = f" read from the cache in {source.cache_dir(version)}" if source.offline else ""
+        log(f"{lead}: {count}{where} verified against {sums} ({len(images)} images)")
+    return ReleaseImages(source.product, release, version, images, tuple(files))

@@ -61,6 +61,18 @@ class Product:
     channel_url: str
     list_asset: Callable[[str, str], str]  # (flavor, arch) -> asset name
     flavor_of: Callable[[str, str], str | None]  # (asset name, arch) -> flavor, None if not a list
+    flavors: tuple[str, ...] = ()  # the flavors its releases are known to publish (a check before any download)
+
+    def unknown_flavor(self, flavor: str) -> str | None:
+        """Why `flavor` is not one this product is known to publish (None when it is), naming the known ones
+        and the nearest."""
+        if not self.flavors or flavor in self.flavors:
+            return None
+        import difflib
+
+        close = difflib.get_close_matches(flavor, self.flavors, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.name} flavor {flavor!r} (known: {', '.join(self.flavors)}{hint})"
 
     @staticmethod
     def checksum_asset(arch: str) -> str:
@@ -78,6 +90,8 @@ PRODUCTS: Mapping[str, Product] = {
         "https://update.rke2.io/v1-release/channels",
         _rke2_asset,
         _rke2_flavor_of,
+        ("all", "default", "core", "canal", "calico", "cilium", "flannel", "multus", "harvester", "traefik",
+         "vsphere", "ingress-nginx", "windows"),
     ),
     "k3s": Product(
         "k3s",
@@ -85,6 +99,7 @@ PRODUCTS: Mapping[str, Product] = {
         "https://update.k3s.io/v1-release/channels",
         _k3s_asset,
         _k3s_flavor_of,
+        ("all", "default"),
     ),
 }
 

@@ -15,8 +15,9 @@ from rke2_mirror.jobs.sync.lock import LockHeld, SyncLock
 from rke2_mirror.jobs.sync.report import (EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, REPORT_VERSION, ImageSet,
                                           SyncResult, build_report, read_textfile, render_textfile, split_report,
                                           summarize, write_atomic, write_textfile)
-from rke2_mirror.jobs.sync.run import (check_outputs_writable, copy_options, mirror_refs, resolve_image_sets, run_sync,
-                                       source_auth_file, sync, target_credentials, write_node_files)
+from rke2_mirror.jobs.sync.run import (check_config, check_outputs_writable, copy_options, mirror_refs,
+                                       resolve_image_sets, run_sync, source_auth_file, sync, target_credentials,
+                                       write_node_files)
 from rke2_mirror.model.errors import InputError  # noqa: F401  (job.InputError: what the job raises)
 from rke2_mirror.model.reference import RegistryURL  # noqa: F401  (job.RegistryURL: the target's type)
 
@@ -27,4 +28,4 @@ __all__ = ["CONFIG_VERSION", "ConfigError", "LockHeld", "SyncConfig", "LoadedCon
            # also used by scripts/release-bump and the tests
            "REPORT_VERSION", "TargetSpec", "SourcesSpec", "ReleaseSpec", "CopySpec", "OutputsSpec", "NodeSpec",
            "build_report", "summarize", "write_atomic", "write_textfile", "target_credentials", "source_auth_file",
-           "copy_options", "check_outputs_writable"]
+           "copy_options", "check_outputs_writable", "check_config"]

@@ -28,6 +28,7 @@ from rke2_mirror.model.errors import InputError
 from rke2_mirror.model.oci import Platform
 from rke2_mirror.model.reference import RegistryURL
 from rke2_mirror.node.versions import RKE2Version
+from rke2_mirror.releases.lists import parse_release
 from rke2_mirror.releases.products import DEFAULT_ARCHES, DEFAULT_FLAVORS, PRODUCTS, check_arches, check_flavors
 
 CONFIG_VERSION = 1
@@ -160,6 +161,7 @@ class TargetSpec:
     insecure_skip_verify: bool = _opt(False)
     credentials: TargetCredentials | None = _opt()
     public_projects: bool = _opt(False)   # Harbor: create missing projects public (default private)
+    strict_auth_realm: bool = _opt(False)  # credentials only to a token service on the target's own host, no http
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,28 @@ class ReleaseSpec:
             return "name at least one of 'channels' (stable, latest, v1.30) or 'versions' (v1.30.14+rke2r1)"
         if self.offline and self.channels:
             return "'offline: true' reads only the lists cache: channels cannot be resolved there, pin 'versions'"
+        for f in self.flavors:  # a typo ('al') would otherwise surface only at the release server
+            problem = PRODUCTS[self.product].unknown_flavor(f)
+            if problem:
+                return f"flavors: {problem}"
+        for key, names in (("channels", self.channels), ("versions", self.versions)):
+            for name in names:  # a version with a part missing ('1.30.14') is refused by the run too
+                try:
+                    parse_release(name, self.product)
+                except InputError as exc:
+                    return f"{key}: {exc}"
         return None
+
+    @property
+    def pinned(self) -> tuple[str, ...] | None:
+        """The versions followed, when every one is known without the network (no channel), else None."""
+        out = []
+        for name in self.followed:
+            value, is_channel = parse_release(name, self.product)
+            if is_channel:
+                return None
+            out.append(value)
+        return tuple(out)
 
     @property
     def followed(self) -> tuple[str, ...]:

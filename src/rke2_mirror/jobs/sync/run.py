@@ -6,6 +6,7 @@ node-exporter textfile, registries.yaml / config.yaml).  Nothing is ever deleted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -31,12 +32,12 @@ from rke2_mirror.jobs.sync.report import (EXIT_OK, ImageSet, SyncResult, build_r
                                           write_textfile)
 from rke2_mirror.model.errors import InputError, MirrorError
 from rke2_mirror.model.oci import Platform
-from rke2_mirror.model.reference import ImageRef, merge_refs, parse_image_lines, target_ref
+from rke2_mirror.model.reference import ImageRef, merge_refs, target_ref
 from rke2_mirror.model.reference import shard as shard_refs
 from rke2_mirror.node.registries import Registries, load_yaml_mapping
 from rke2_mirror.node.versions import RKE2Version
-from rke2_mirror.node.writer import (NodeConfig, build_registries, dump_registries, registries_have_auth,
-                                     set_system_default_registry)
+from rke2_mirror.node.writer import (NodeConfig, build_registries, check_node_config, dump_registries,
+                                     registries_have_auth, set_system_default_registry)
 from rke2_mirror.releases import ReleaseSource, release_images
 
 Log = Callable[[str], None]
@@ -88,10 +89,17 @@ def _release_client() -> httpx.Client:
                         headers={"User-Agent": "rke2-mirror"})
 
 
+def read_extra_lists(cfg: LoadedConfig) -> list[ImageSet]:
+    """The config's `images:` list files (each at most 4 MiB), read before anything is downloaded."""
+    return [ImageSet(f"images {f}", tuple(jobs.read_image_list(f, what="images:")), file=f) for f in cfg.config.images]
+
+
 def resolve_image_sets(cfg: LoadedConfig, log: Log = lambda s: None,
-                       client: httpx.Client | None = None) -> list[ImageSet]:
-    """Each followed release (channel -> version, lists verified against their checksums) and each extra list."""
+                       client: httpx.Client | None = None, verbose: bool = False) -> list[ImageSet]:
+    """Each followed release (channel -> version, lists verified against their checksums) and each extra list.
+    One line per release to `log`; with `verbose`, also one per list read."""
     c = cfg.config
+    extra = read_extra_lists(cfg)
     sets: list[ImageSet] = []
     own = None
     if client is None and any(not r.offline for r in c.releases):
@@ -100,7 +108,8 @@ def resolve_image_sets(cfg: LoadedConfig, log: Log = lambda s: None,
         for spec in c.releases:
             source = ReleaseSource.default(spec.product, spec.release_url, spec.channel_url, c.lists_dir, spec.offline)
             for rel in spec.followed:
-                r = release_images(rel, source, None if spec.offline else client, spec.arches, spec.flavors, log)
+                r = release_images(rel, source, None if spec.offline else client, spec.arches, spec.flavors, log,
+                                   detail=log if verbose else (lambda s: None), summary=False)
                 name = f"{spec.product} {rel}"
                 log(f"{name}: {r.version} ({len(r.images)} images)" if rel != r.version
                     else f"{name}: {len(r.images)} images")
@@ -108,14 +117,7 @@ def resolve_image_sets(cfg: LoadedConfig, log: Log = lambda s: None,
     finally:
         if own is not None:
             own.close()
-    for f in c.images:
-        try:
-            text = Path(f).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"images: {f}: cannot read ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
-        refs = parse_image_lines(text, origin=f)
-        sets.append(ImageSet(f"images {f}", tuple(refs), file=f))
-    return sets
+    return sets + extra
 
 
 def _read(path: Path, *, replaceable: bool = False) -> str | None:
@@ -149,12 +151,10 @@ def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence
     registries_yaml, config_yaml = paths
     if registries_yaml:
         path = registries_yaml
-        version = RKE2Version.parse(c.node.rke2_version) if c.node.rke2_version else None
-        if version is None:
-            found = [v for s in sets if s.product == "rke2" and (v := RKE2Version.try_parse(s.version))]
-            version = min(found) if found else None
-            if len(set(found)) > 1:
-                log(f"registries.yaml: several RKE2 versions followed; written for the oldest, {version}")
+        version = node_version(cfg, sets)
+        found = {v for s in sets if s.product == "rke2" and (v := RKE2Version.try_parse(s.version))}
+        if not c.node.rke2_version and len(found) > 1:
+            log(f"registries.yaml: several RKE2 versions followed; written for the oldest, {version}")
         if c.node.with_auth and creds is None:
             raise InputError("node.with_auth: true needs target.credentials in the config")
         old = _read(path, replaceable=not c.node.merge)
@@ -183,6 +183,70 @@ def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence
             log(f"wrote {path} (system-default-registry: "
                 f"{target.host if c.node.system_default_registry else 'removed'})")
     return changed
+
+
+def node_version(cfg: LoadedConfig, sets: Sequence[ImageSet] | None = None) -> RKE2Version | None:
+    """The RKE2 version the node files are written for: `node.rke2_version`, else the oldest RKE2 version
+    followed -- from the resolved `sets`, or, before anything is resolved (`sets` None), from the config's
+    pinned versions when every rke2 release is pinned (a channel is known only once resolved: None)."""
+    c = cfg.config
+    if c.node.rke2_version:
+        return RKE2Version.parse(c.node.rke2_version)
+    if sets is not None:
+        found = [v for s in sets if s.product == "rke2" and (v := RKE2Version.try_parse(s.version))]
+    else:
+        pinned = [r.pinned for r in c.releases if r.product == "rke2"]
+        if any(p is None for p in pinned):
+            return None
+        found = [v for p in pinned for name in p or () if (v := RKE2Version.try_parse(name))]
+    return min(found) if found else None
+
+
+def check_node_gates(cfg: LoadedConfig, sets: Sequence[ImageSet] | None = None) -> list[str]:
+    """The node files' own checks, before anything is copied: `node.with_auth` without credentials, and the
+    combinations `registries-yaml` refuses on the version the files are written for (an http target as
+    system-default-registry on an RKE2 release before rancher/rke2#4308's fix).  Returns the warnings."""
+    c, out = cfg.config, cfg.config.outputs
+    if not (out.registries_yaml or out.config_yaml):
+        return []
+    if out.registries_yaml and c.node.with_auth and c.target.credentials is None:
+        raise InputError("node.with_auth: true needs target.credentials in the config")
+    node_cfg = NodeConfig(cfg.target, node_ca_file=c.node.ca_file, insecure_skip_verify=c.node.insecure_skip_verify,
+                          system_default_registry=c.node.system_default_registry,
+                          rke2_version=node_version(cfg, sets))
+    return check_node_config(node_cfg)
+
+
+def check_config(cfg: LoadedConfig, env: Mapping[str, str] | None = None, log: Log = lambda s: None) -> list[str]:
+    """`sync --check-config`: everything a run would refuse that can be checked without the network -- the
+    files the config names (CA files, credentials files, `images:` lists), the outputs (writable) and the node
+    files to keep (parse), the node files' version gates for pinned versions, the lists cache of `offline`
+    releases.  InputError for the first problem; returns warnings (an environment variable of
+    `target.credentials.env` not set here: the run's environment may differ)."""
+    c = cfg.config
+    env = os.environ if env is None else env
+    warnings: list[str] = []
+    _tls(c.target.ca_file, c.target.insecure_skip_verify, "target")
+    _tls(c.sources.ca_file, c.sources.insecure_skip_verify, "sources")
+    spec = c.target.credentials
+    if spec is not None and spec.env is not None:
+        missing = [v for v in (spec.env.username, spec.env.password) if not env.get(v)]
+        if missing:
+            warnings.append(f"target.credentials.env: {', '.join(missing)} not set in this environment "
+                            "(a run needs them)")
+    else:
+        target_credentials(cfg, env)
+    source_auth_file(cfg)
+    read_extra_lists(cfg)
+    check_outputs_writable(cfg)
+    check_node_files_readable(cfg)
+    warnings += check_node_gates(cfg)
+    for r in c.releases:
+        if r.offline:  # the cache is local: read and verify it now
+            source = ReleaseSource.default(r.product, r.release_url, r.channel_url, c.lists_dir, True)
+            for name in r.followed:
+                release_images(name, source, None, r.arches, r.flavors, summary=False)
+    return warnings
 
 
 # =============================================================================================
@@ -242,7 +306,8 @@ def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentia
     (the arguments given here override the config's); `cancel` interrupts it."""
     c = cfg.config
     creds = creds if creds is not None else target_credentials(cfg)
-    target_tls = _tls(c.target.ca_file, c.target.insecure_skip_verify, "target")
+    target_tls = dataclasses.replace(_tls(c.target.ca_file, c.target.insecure_skip_verify, "target"),
+                                     strict_auth_realm=c.target.strict_auth_realm)
     source = jobs.SourceOptions(_tls(c.sources.ca_file, c.sources.insecure_skip_verify, "sources"),
                                 parse_source_endpoints(f"{k}={u}" for k, u in c.sources.endpoints.items()),
                                 source_auth_file(cfg))
@@ -258,7 +323,7 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
              pull_floor: int | None = None, jobs_override: int | None = None, dry_run: bool = False,
              progress: Progress | None = None, log: Log = lambda s: None,
              release_client: httpx.Client | None = None, clock: Callable[[], float] = time.time,
-             cancel: Cancel | None = None) -> SyncResult:
+             cancel: Cancel | None = None, verbose: bool = False) -> SyncResult:
     """One sync run (the caller holds the lock).  Bad config or an unusable target raises InputError;
     image failures are in the result (exit code 1).
 
@@ -300,7 +365,10 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
             check_node_files_readable(cfg)
         creds = target_credentials(cfg)
         source_auth_file(cfg)  # checked before any download
-        sets = resolve_image_sets(cfg, log, release_client)
+        check_node_gates(cfg)  # with the pinned versions, before any download
+        sets = resolve_image_sets(cfg, log, release_client, verbose)
+        if not dry_run:
+            check_node_gates(cfg, sets)  # with the versions the channels resolved to, before anything is copied
         all_refs = merge_refs(*[list(s.images) for s in sets])
         refs = shard_refs(all_refs, *shard) if shard else all_refs
         if shard:
