@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what rke2-mirror, its tests and its demo need on a fresh Debian machine (idempotent).
 # System packages: docker-registry (CNCF distribution, the tests' real registries), skopeo (cross-checks,
-# benchmarks), zstd. Python: a venv in .venv with the package installed editable, with the test extra.
+# benchmarks), zstd, bzip2 and lz4 (the tests compress docker archives with the real tools), containerd
+# (the tests import node tarballs with a private containerd and ctr; the system service is not used).
+# Python: a venv in .venv with the package installed editable, with the test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,9 @@ need_apt=()
 command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v bzip2 >/dev/null 2>&1 || need_apt+=(bzip2)
+command -v lz4 >/dev/null 2>&1 || need_apt+=(lz4)
+command -v containerd >/dev/null 2>&1 || need_apt+=(containerd)   # ctr images import of node tarballs (tests)
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need_apt+=(python3-venv)   # Debian splits venv/ensurepip out of python3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,12 +14,15 @@ from rke2_mirror.cli.base import (CliProgress, app, copy_options, finish, gather
 from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, RELEASE_CHECKSUMS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE,
                                      TARGET_TLS, CopyTuning,
                                      ImageLists, JsonOpt, PlatformOpt, PublicProjectsOpt, ReleaseOptions, ReportOutput, ToOpt,
-                                     options)
+                                     options, parse_platforms)
 from rke2_mirror.cli.signals import interrupts
 from rke2_mirror.cli.util import LazyModule, stderr_log
 from rke2_mirror.jobs.common import SourceOptions, TLSOptions
+from rke2_mirror.model.errors import InputError
+from rke2_mirror.model.oci import Platform
 from rke2_mirror.model.reference import RegistryURL
 from rke2_mirror.model.units import human
+from rke2_mirror.releases import KNOWN_ARCHES
 
 tarfiles = LazyModule("rke2_mirror.endpoints.tarfiles")
 save_job = LazyModule("rke2_mirror.jobs.save")
@@ -71,10 +75,50 @@ def _print_inspect(doc: dict) -> None:
             echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
     if doc.get("ignored_members"):
         echo(f"\nignored (links, devices): {', '.join(doc['ignored_members'][:10])}")
+    _print_node(doc.get("node"))
     if "checked" in doc:
         bad = [p for p in doc["problems"] if "blob" in p]
         echo(f"\ncheck:    {doc['checked']} blobs hashed again: "
              + ("all match" if not bad else f"{len(bad)} problem(s)"))
+
+
+def node_platform(platform: list[str], lists: ReleaseOptions) -> tuple[list[str], ReleaseOptions]:
+    """`save --for-node`: the one platform of the file (a node tarball is per architecture), from --platform,
+    else --arch, else linux/amd64; the release lists follow it (the arch's lists) unless --arch says."""
+    plats = parse_platforms(platform)
+    if len(plats) > 1:
+        raise InputError("--for-node writes one file per architecture: give one --platform (run once per arch)")
+    if lists.arch_given and len(lists.arches) > 1:
+        raise InputError("--for-node writes one file per architecture: give one --arch (run once per arch)")
+    p = plats[0] if plats else Platform("linux", lists.arches[0] if lists.arch_given else "amd64")
+    if lists.arch_given and p.architecture != lists.arches[0]:
+        raise InputError(f"--platform {p} and --arch {lists.arches[0]} disagree")
+    if not lists.arch_given and p.architecture in KNOWN_ARCHES:
+        lists = replace(lists, arches=(p.architecture,))
+    return [str(p)], lists
+
+
+def _print_node(node: dict | None) -> None:
+    """inspect: what an RKE2 node makes of the file in agent/images."""
+    if not node:
+        return
+    echo = typer.echo
+    echo("")
+    if node["runtime"]:
+        echo(f"node:     serves RKE2's runtime image (read before containerd starts) as: {', '.join(node['runtime'])}")
+    elif node["docker_manifest"]:
+        echo("node:     no rancher/rke2-runtime image here (a node needs it from another tarball or a registry)")
+    else:
+        echo("node:     OCI-only: containerd imports it from agent/images, RKE2's runtime-image lookup never "
+             "finds anything in it (no docker manifest.json)")
+    if node["runtime_lookup"]:
+        echo(f"          names RKE2's docker-tarball reader finds ({len(node['runtime_lookup'])}):")
+        for n in node["runtime_lookup"]:
+            echo(f"            {n}")
+    if node.get("zstd_window"):
+        echo(f"          zstd window {human(node['zstd_window'])}")
+    for w in node["warnings"]:
+        echo(f"node:     warning: {w}")
 
 
 NameOpt = Annotated[Optional[str], typer.Option("--name", metavar="REPOSITORY[:TAG]", help=LOAD_NAME_HELP)]
@@ -103,14 +147,34 @@ def save_command(
     keep_work_dir: Annotated[bool, typer.Option("--keep-work-dir", help="Keep the work dir after success.")] = False,
     source: SourceOptions,
     signatures: Annotated[bool, typer.Option("--signatures", help="Also save cosign-style signature tags (sha256-<hex>.sig).")] = False,
+    for_node: Annotated[bool, typer.Option(
+        "--for-node",
+        help="Write a tarball for RKE2's agent/images (rke2-images.linux-amd64.tar.zst): one platform (--platform, "
+             "else from --arch, else linux/amd64), read by RKE2's runtime-image lookup and by containerd. "
+             "Compression from the name: .tar, .tar.gz, .tar.zst.")] = False,
+    system_default_registry: Annotated[Optional[str], typer.Option(
+        "--system-default-registry", metavar="HOST[/PATH]",
+        help="With --for-node: also name each docker.io image as the nodes' system-default-registry asks for it "
+             "(HOST/rancher/x:tag).", show_default=False)] = None,
     lists: ReleaseOptions,
     tuning: CopyTuning,
     out: ReportOutput,
 ) -> None:
     """Copy images into one archive file, digests preserved.
 
-    The archive is an OCI image layout in a tar (each blob once); `load` pushes it to a registry."""
+    The archive is an OCI image layout in a tar (each blob once); `load` pushes it to a registry.
+    With --for-node it is a node tarball for /var/lib/rancher/rke2/agent/images/."""
     with interrupts() as cancel:
+        node = None
+        if for_node:
+            platform, lists = node_platform(platform, lists)
+            if signatures:
+                raise InputError("--signatures does not go with --for-node (a node tarball holds images only)")
+            node = save_job.ForNode(Platform.parse(platform[0]),
+                                    save_job.parse_system_default_registry(system_default_registry)
+                                    if system_default_registry else None)
+        elif system_default_registry:
+            raise InputError("--system-default-registry goes with --for-node")
         opts = copy_options(tuning, cancel, platform=platform, signatures=signatures)
         split_bytes = tarfiles.parse_size(split) if split else None
         refs = gather_images(images, lists)
@@ -118,7 +182,8 @@ def save_command(
         progress = CliProgress()
         try:
             res = save_job.save(refs, output, source=source, options=opts, split=split_bytes, since=since_spec,
-                                work_dir=work_dir, keep_work_dir=keep_work_dir, progress=progress, log=stderr_log)
+                                work_dir=work_dir, keep_work_dir=keep_work_dir, progress=progress, log=stderr_log,
+                                for_node=node)
         finally:
             progress.close()
         if res.files:
@@ -142,7 +207,8 @@ def save_command(
 def load_command(
     *,
     file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part, FILE.tar.part001), "
-                                         "or a docker archive (docker save; .tar, .tar.gz, .tar.zst).")],
+                                         "or a docker archive (docker save; .tar, .tar.gz, .tar.zst, .tar.bz2/.tbz, "
+                                         ".tar.lz4: told from the content).")],
     to: ToOpt,
     tmp_dir: Annotated[Optional[Path], typer.Option(
         "--tmp-dir", metavar="DIR",
@@ -193,7 +259,8 @@ def load_command(
 @app.command("inspect")
 @run_command
 def inspect_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part).")],
+    file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part), or a docker archive "
+                                         "(docker save; .tar, .tar.gz, .tar.zst, .tar.bz2/.tbz, .tar.lz4).")],
     check: Annotated[bool, typer.Option("--check", help="Hash every blob again (reads the whole archive).")] = False,
     name: NameOpt = None,
     as_json: JsonOpt = False,

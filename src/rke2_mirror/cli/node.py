@@ -201,10 +201,6 @@ def prepare_config_yaml(path: Path, host: str | None):
     return write
 
 
-def update_config_yaml(path: Path, host: str | None) -> None:
-    prepare_config_yaml(path, host)()
-
-
 # -- verify ----------------------------------------------------------------------------------------
 @app.command("verify")
 @run_command

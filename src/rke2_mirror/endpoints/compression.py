@@ -223,8 +223,9 @@ class _Units(_Decoder):
     """A stream of units one after the other (gzip members, bzip2 streams, lz4 frames), each decoded by
     a fresh `_unit()`: an object as bz2.BZ2Decompressor (decompress(data, max_length), needs_input,
     eof, unused_data).  The stream must end right after a unit: ending inside one is truncation, and
-    anything but the start of another unit after one is corruption (Go's readers, so RKE2's, refuse it
-    too); gzip alone ignores zero padding after a member, as gzip(1) does."""
+    anything but the start of another unit after one is corruption (as for zstd, here); gzip alone
+    ignores zero padding after a member, as gzip(1) does (bzip2(1) only warns about trailing garbage:
+    refused here all the same)."""
 
     unit = ""  # "a gzip member": for messages
     head = 4  # the bytes `_starts` needs

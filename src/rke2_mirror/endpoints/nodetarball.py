@@ -54,7 +54,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rke2_mirror.endpoints.layout import LayoutDir, NamedImage, blob_member, index_document, index_entry
+from rke2_mirror.endpoints.layout import CONTAINERD_NAME, LayoutDir, NamedImage, blob_member, index_document, index_entry
 from rke2_mirror.endpoints.ociarchive import ArchiveContent
 from rke2_mirror.model.errors import MirrorError
 from rke2_mirror.model.oci import Descriptor, Manifest, Platform, filter_index, parse_manifest
@@ -135,7 +135,8 @@ class NodePlan:
     names: dict[str, str] = field(default_factory=dict)  # name -> manifest digest, every name written
 
 
-def _platform_manifest(layout: LayoutDir, repo: str, desc: Descriptor, platform: Platform) -> tuple[Descriptor, Manifest]:
+def _platform_manifest(layout: LayoutDir, repo: str, desc: Descriptor,
+                       platform: Platform) -> tuple[Descriptor, Manifest]:
     """The single-platform manifest for `platform` under a root (an index: its first matching entry)."""
     d, raw = layout.get_manifest(repo, desc.digest)
     m = parse_manifest(desc.media_type or d.media_type or None, raw)
@@ -177,13 +178,26 @@ def plan_node_archive(layout: LayoutDir, entries: Sequence[NodeEntry], platform:
             if m.config is None:
                 raise MirrorError(f"{m.media_type or 'the manifest'} has no config: not an image a node can run")
             for b in [m.config, *m.layers]:
-                if b.digest not in plan.content.blobs and not layout.blob_path(b.digest).is_file():
+                if not layout.blob_path(b.digest).is_file():
                     what = "config" if b is m.config else f"layer {b.digest}"
-                    raise MirrorError(f"{what} is not in the work dir"
-                                      + (" (a foreign layer: not distributable)" if b.media_type and "foreign" in b.media_type else ""))
+                    foreign = " (a foreign layer: not distributable)" if "foreign" in (b.media_type or "") else ""
+                    raise MirrorError(f"{what} is not in the work dir{foreign}")
+            names = []
+            for i, ref in enumerate(e.names):  # a name go-containerregistry refuses would fail every lookup
+                try:
+                    if ref.tag:
+                        ggcr_tag_name(repo_tag(ref))
+                    names.append(ref)
+                except ValueError as exc:
+                    if i == 0:
+                        raise MirrorError(f"RKE2's docker-tarball reader cannot take its name: {exc}") from None
+                    plan.warnings.append(f"{ref} left out: RKE2's docker-tarball reader cannot take it ({exc})")
+            e = NodeEntry(img, names)
         except MirrorError as exc:
             plan.problems[img.key] = str(exc)
             continue
+        # The layers are listed as they are stored (gzip, zstd): go-containerregistry reads compressed layers
+        # (pkg/v1/tarball/image.go Image l.99-111, areLayersCompressed l.159-176; see the module's doc).
         kinds = [_compressed(b.media_type) for b in m.layers]
         if kinds and kinds[0] is False and any(k for k in kinds[1:]):
             plan.warnings.append(f"{img.ref}: its first layer is stored uncompressed and a later one compressed: "
@@ -214,12 +228,10 @@ def plan_node_archive(layout: LayoutDir, entries: Sequence[NodeEntry], platform:
             plan.content.blobs.setdefault(b.digest, b)
         for key in names:
             index_entries.append(index_entry(key, desc.media_type, desc.digest, desc.size))
-        tags = [t for t in (repo_tag(ImageRef.parse(k)) for k in names) if t]
-        for t in tags:
-            ggcr_tag_name(t)  # raises if go-containerregistry would refuse it (it would fail the whole lookup)
+        tags = [t for t in (repo_tag(ImageRef.parse(k)) for k in names) if t]  # by digest only: no RepoTags
         docker.append({"Config": blob_member(m.config.digest), "RepoTags": tags,
                        "Layers": [blob_member(b.digest) for b in m.layers]})
-    plan.content.index = index_document(sorted(index_entries, key=lambda x: x["annotations"]["io.containerd.image.name"]))
+    plan.content.index = index_document(sorted(index_entries, key=lambda x: x["annotations"][CONTAINERD_NAME]))
     plan.content.docker_manifest = docker
     return plan
 
@@ -256,10 +268,15 @@ def docker_tarball_names(doc) -> TarballNames:
         return out
     for i, entry in enumerate(doc):
         tags = entry.get("RepoTags") if isinstance(entry, dict) else None
+        if tags is not None and not isinstance(tags, list):
+            out.error = f"manifest.json entry {i}: RepoTags is not a list"  # the JSON decoder refuses the file
+            return out
         for t in tags or []:
             try:
+                if not isinstance(t, str):
+                    raise ValueError("not a string")
                 out.names.append((ggcr_tag_name(t), t, i))
-            except (ValueError, TypeError) as exc:
+            except ValueError as exc:
                 out.error = f"manifest.json entry {i}: RepoTags {t!r}: {exc}"
                 return out
     return out

@@ -2,10 +2,11 @@
 read by `load` and `inspect`.
 
 Format (what `save` writes; any OCI layout tar is read):
-- members, in this order: `oci-layout`, `index.json`, `rke2-mirror-delta.json` (delta archives
-  only), `blobs/`, `blobs/sha256/`, then every blob once (manifests, configs, layers) sorted by
-  digest.  PAX/ustar headers, mode 0644, mtime 0, uid/gid 0: the same images give the same bytes.
-  No compression (layers are compressed already).
+- members, in this order: `oci-layout`, `index.json`, `manifest.json` (node tarballs only:
+  nodetarball.py), `rke2-mirror-delta.json` (delta archives only), `blobs/`, `blobs/sha256/`, then every
+  blob once (manifests, configs, layers) sorted by digest.  PAX/ustar headers, mode 0644, mtime 0,
+  uid/gid 0: the same images give the same bytes.  No compression (layers are compressed already),
+  except for node tarballs named `.tar.gz` / `.tar.zst` (tarfiles.open_tar_writer).
 - index.json names each image (see layout.py): `io.containerd.image.name` and
   `org.opencontainers.image.ref.name` = the full reference, e.g. `docker.io/rancher/x:v1`.
 - `--split SIZE`: the tar's bytes cut into `FILE.part001`, `FILE.part002`, … (each at most SIZE;

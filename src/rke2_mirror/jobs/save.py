@@ -3,6 +3,11 @@
 Blobs are collected in a work dir (an OCI layout beside the output, resumable), then the tar is assembled
 by the kernel (endpoints.ociarchive.write_archive).  A delta (`--since OLD`) leaves out the blobs OLD's
 images have: found with the engine's walk over OLD (an archive, a list, a release).
+
+`--for-node` (`ForNode`): the same copy into the same work dir, restricted to one platform; then the
+file is planned by endpoints.nodetarball (a docker manifest.json beside index.json, one platform
+manifest per image, `system-default-registry` names too) and written by the same write_archive,
+through the encoder the file name says (.tar, .tar.gz, .tar.zst).
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ from pathlib import Path
 
 import rke2_mirror.jobs.common as jobs
 from rke2_mirror.endpoints.layout import INDEX_FILE, LAYOUT_FILE, LayoutDir, LayoutLocator, NamedImage, image_key
+from rke2_mirror.endpoints.nodetarball import NodeEntry, plan_node_archive
+from rke2_mirror.endpoints.tarfiles import output_compression
 from rke2_mirror.endpoints.ociarchive import (DELTA_FILE, DELTA_FILE_ANNOTATION, DELTA_SINCE, ArchiveReader, plan_archive,
                                               write_archive)
 from rke2_mirror.engine.copy import CopyOptions, CopyTask, Progress, Report
 from rke2_mirror.engine.walk import Graph, GraphCache, image_graph
 from rke2_mirror.model.errors import WorkDirError, InputError, MirrorError
 from rke2_mirror.model.oci import Descriptor, Platform
-from rke2_mirror.model.reference import ImageRef
+from rke2_mirror.model.reference import ImageRef, RegistryURL
 from rke2_mirror.model.units import human
+from rke2_mirror.node.resolver import node_image
 
 Log = Callable[[str], None]
 
@@ -36,6 +44,34 @@ class Since:
     label: str
     refs: list[ImageRef] = field(default_factory=list)
     archive: Path | None = None
+
+
+@dataclass(frozen=True)
+class ForNode:
+    """`save --for-node`: a tarball for RKE2's agent/images, one platform (a node's)."""
+
+    platform: Platform
+    system_default_registry: str | None = None  # HOST[:PORT][/PATH]: each docker.io image also under HOST/…
+
+
+def parse_system_default_registry(text: str) -> str:
+    """`--system-default-registry HOST[:PORT][/PATH]`, as config.yaml has it (no scheme)."""
+    raw = text.strip().strip("/")
+    if "://" in raw:
+        raise InputError(f"--system-default-registry {text!r}: HOST[:PORT][/PATH] as in config.yaml, without a scheme")
+    url = RegistryURL.parse(raw, what="--system-default-registry")
+    return url.host + (f"/{url.prefix}" if url.prefix else "")
+
+
+def node_names(ref: ImageRef, system_default_registry: str | None) -> list[ImageRef]:
+    """The names an image goes under in a node tarball: its own, then the one RKE2 asks for under
+    system-default-registry (docker.io images only, as RKE2 renames them)."""
+    out = [ref]
+    if system_default_registry:
+        alias = node_image(ref, system_default_registry)
+        if alias != ref:
+            out.append(alias)
+    return out
 
 
 @dataclass
@@ -139,13 +175,25 @@ def _remove_work_dir(work_dir: Path) -> None:
 def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, options: CopyOptions,
          split: int | None = None, since: Since | None = None, work_dir: Path | None = None,
          keep_work_dir: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
-         max_rps: float | None = None) -> SaveResult:
+         max_rps: float | None = None, for_node: ForNode | None = None) -> SaveResult:
     """Registry -> archive: the `save` command's job."""
     output = Path(output)
     if output.is_dir():
         raise InputError(f"--output {output} is a directory")
     if not output.parent.is_dir():
         raise InputError(f"--output {output}: directory {output.parent} does not exist")
+    compression = None
+    if for_node is not None:
+        if split is not None:
+            raise InputError("--for-node writes one file (a node does not read split parts): drop --split")
+        if since is not None:
+            raise InputError("--for-node writes every blob (containerd imports whole images): drop --since")
+        compression = output_compression(output)
+        options = replace(options, platforms=(for_node.platform,))
+        sdr = for_node.system_default_registry
+        if sdr and "/" in sdr:
+            log(f"system-default-registry {sdr} has a path: only RKE2 releases with rancher/rke2#9404 accept "
+                "one (older ones take HOST[:PORT] only); the images are named under it as those releases ask")
     work_dir = Path(work_dir) if work_dir else default_work_dir(output)
     _check_work_dir(work_dir)
     router = jobs.source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
@@ -176,7 +224,19 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
             omit = set(old)
             if since is not None:
                 annotations = {DELTA_SINCE: since.label, DELTA_FILE_ANNOTATION: DELTA_FILE}
-            content = plan_archive(layout, images, omit=omit, annotations=annotations)
+            if for_node is not None:
+                plan = plan_node_archive(layout, [NodeEntry(img, node_names(img.ref, for_node.system_default_registry))
+                                                  for img in images], for_node.platform)
+                for w in plan.warnings:
+                    log(w)
+                _mark_failed(report, plan.problems)
+                images = [img for img in images if img.key not in plan.problems]
+                if not images:
+                    result.work_dir_kept = True
+                    return result
+                content = plan.content
+            else:
+                content = plan_archive(layout, images, omit=omit, annotations=annotations)
             if since is not None:
                 delta_doc = {"schemaVersion": 1, "since": since.label,
                              "omitted": [{"digest": d, "size": b.size, "repositories": sorted(old[d])}
@@ -185,7 +245,7 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
             log(f"writing {output}{' in parts of ' + human(split) if split else ''}: {len(images)} images, "
                 f"{len(content.blobs)} blobs, {human(total)}")
             result.files = write_archive(layout, content, output, split=split, delta_doc=delta_doc,
-                                         progress=getattr(progress, "bytes_copied", None))
+                                         progress=getattr(progress, "bytes_copied", None), compression=compression)
             result.images, result.blobs, result.bytes = len(images), len(content.blobs), total
             result.omitted = len(content.omitted)
             result.omitted_bytes = sum(b.size for b in content.omitted.values())
@@ -198,13 +258,25 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
         router.close()
 
 
+def _saved_ref(r) -> ImageRef:
+    ref = ImageRef.parse(r.target)
+    return ref.with_digest(None) if ref.tag else ref  # by tag when it has one (as the engine wrote it)
+
+
+def _mark_failed(report: Report, problems: dict[str, str]) -> None:
+    """Images the node tarball cannot hold: failed in the report (exit 1), with the reason."""
+    for r in report.images:
+        if r.status in ("copied", "skipped") and r.digest and image_key(_saved_ref(r)) in problems:
+            r.status = "failed"
+            r.error = f"not written to the node tarball: {problems[image_key(_saved_ref(r))]}"
+
+
 def _saved_images(layout: LayoutDir, report: Report) -> list[NamedImage]:
     out: dict[str, NamedImage] = {}
     for r in report.images:
         if r.status not in ("copied", "skipped") or not r.digest:
             continue
-        ref = ImageRef.parse(r.target)
-        ref = ref.with_digest(None) if ref.tag else ref  # by tag when it has one (as the engine wrote it)
+        ref = _saved_ref(r)
         key = image_key(ref)
         entry = layout.entry(key)
         if entry is not None:

@@ -259,7 +259,8 @@ def _refuse_version_lookalike(value: str, product: str) -> None:
     missing = [what for what, absent in (("the 'v' prefix", not m["v"]), ("its build suffix", not m["build"]))
                if absent]
     line = "v" + ".".join(m["core"].split(".")[:2])
-    raise InputError(f"{value!r} is not a channel but {'an' if product == 'rke2' else 'a'} {product} version with a part missing: it needs "
+    article = "an" if product == "rke2" else "a"
+    raise InputError(f"{value!r} is not a channel but {article} {product} version with a part missing: it needs "
                      f"{' and '.join(missing)}, e.g. {example} (channels are names like stable, latest, {line})")
 
 

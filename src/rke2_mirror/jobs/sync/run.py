@@ -163,7 +163,7 @@ def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence
                                          insecure_skip_verify=c.node.insecure_skip_verify,
                                          auth=creds if c.node.with_auth else None,
                                          system_default_registry=c.node.system_default_registry, rke2_version=version)
-        doc, warnings = build_registries(node_cfg, existing)
+        doc, warnings = build_registries(node_cfg, existing, str(path))
         text = dump_registries(doc, node_cfg)
         secret = registries_have_auth(doc)
         mode = 0o600 if secret else files.existing_mode(path, 0o644)
@@ -364,8 +364,10 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
             check_outputs_writable(cfg, shard)
             check_node_files_readable(cfg)
         creds = target_credentials(cfg)
-        source_auth_file(cfg)  # checked before any download
-        check_node_gates(cfg)  # with the pinned versions, before any download
+        source_auth_file(cfg)  # checked before any download, as are the CA files and the node files' gates
+        _tls(c.target.ca_file, c.target.insecure_skip_verify, "target")
+        _tls(c.sources.ca_file, c.sources.insecure_skip_verify, "sources")
+        check_node_gates(cfg)  # with the pinned versions
         sets = resolve_image_sets(cfg, log, release_client, verbose)
         if not dry_run:
             check_node_gates(cfg, sets)  # with the versions the channels resolved to, before anything is copied
