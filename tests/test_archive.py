@@ -673,3 +673,11 @@ def test_save_never_writes_through_a_link_planted_at_its_partial_name(source, tm
     assert code == 0, err
     assert victim.read_text() == "precious\n"
     assert out.is_file() and not out.is_symlink() and not (tmp_path / "out.tar.partial").exists()
+
+
+def test_save_refuses_a_compressed_name_without_for_node(source, tmp_path):
+    """A plain `save` writes an uncompressed tar; a .tar.zst name would lie about it."""
+    code, _, err = save(source, tmp_path / "out.tar.zst")
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "--for-node" in line and not list(tmp_path.glob("out.tar*"))

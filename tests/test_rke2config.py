@@ -127,7 +127,7 @@ def test_golden_prefix_rewrite():
     # the registry's own entry must not equal its default endpoint, or rewrites are dropped (rke2#6889)
     assert doc["mirrors"]["harbor.example"] == {"endpoint": ["https://harbor.example:443"], "rewrite": rw}
     assert set(doc["configs"]) == {"harbor.example:443", "harbor.example"}
-    assert any("host[:port] only" in w for w in warnings)
+    assert any("#9404" in w and "rewrite rules" in w for w in warnings)  # unknown version: no path in SDR
 
 
 def test_prefix_rewrite_applies_only_to_namespaces_with_images():
@@ -493,3 +493,118 @@ def test_disable_default_registry_endpoint():
     assert len(resolve_endpoints(ETCD, regs, None, v("v1.25.16+rke2r1"), disable_default_endpoint=True)) == 2
     assert len(resolve_endpoints(RUNTIME, regs, None, None, disable_default_endpoint=True)) == 2  # RKE2's own puller
     assert len(resolve_endpoints(ImageRef.parse("quay.io/a/b:1"), regs, None, None, disable_default_endpoint=True)) == 1
+
+
+# -- RKE2 of 2025-2026: the gates of node.versions on both sides ------------------------------------------------
+from rke2_mirror.node.versions import (DISABLE_DEFAULT_ENDPOINT, EMBEDDED_REGISTRY, SDR_PATH,  # noqa: E402
+                                       accepts_sdr_path)
+from rke2_mirror.node.writer import update_config_yaml  # noqa: E402
+
+
+def render_node(target: str, images=RELEASE_IMAGES, config: str = "token: t\n", **kw) -> tuple[str, list[str], dict, str]:
+    """registries.yaml and config.yaml as registries-yaml writes them, and one golden text of both."""
+    text, warnings, doc = render(target, images, **kw)
+    cfg = NodeConfig.for_images(RegistryURL.parse(target), images, **kw)
+    conf = update_config_yaml(config, cfg.config_updates())
+    return text, warnings, doc, text + "---\n# config.yaml\n" + conf
+
+
+@pytest.mark.parametrize("version, accepts", [
+    ("v1.32.13+rke2r1", False), ("v1.32.13+rke2r2", True), ("v1.32.13", False), ("v1.32.14+rke2r1", True),
+    ("v1.33.9+rke2r1", False), ("v1.33.10+rke2r1", True), ("v1.34.5+rke2r1", False), ("v1.34.6+rke2r1", True),
+    ("v1.35.2+rke2r1", False), ("v1.35.3+rke2r1", True), ("v1.36.0+rke2r1", True), ("v1.36.0-rc1+rke2r1", True),
+    ("v1.31.14+rke2r1", False)])
+def test_sdr_path_gate(version, accepts):
+    assert accepts_sdr_path(v(version)) is accepts
+    assert accepts_sdr_path(None) is False  # unknown: the rewrite rules, which work everywhere
+    assert SDR_PATH.describe() == "v1.32.13+rke2r2 / v1.33.10 / v1.34.6 / v1.35.3"
+
+
+def test_golden_sdr_path_v1_33_10_and_rewrite_v1_33_9():
+    target = "https://harbor.example/docker.io"
+    text, warnings, doc, both = render_node(target, node_ca_file="/etc/ssl/ca.pem", rke2_version=v("v1.33.10+rke2r1"))
+    golden("sdr-path-v1.33.10.yaml", both)
+    assert 'system-default-registry: "harbor.example/docker.io"' in both
+    # the node asks for harbor.example/docker.io/rancher/x: no rewrite on the registry's own entry, no :443 needed
+    assert doc["mirrors"]["harbor.example"] == {"endpoint": ["https://harbor.example"]}
+    assert doc["mirrors"]["docker.io"]["rewrite"] == {"^rancher/(.*)$": "docker.io/rancher/$1"}
+    assert any("#9404" in w and "#10822" in w for w in warnings)
+    text, warnings, doc, both = render_node(target, node_ca_file="/etc/ssl/ca.pem", rke2_version=v("v1.33.9+rke2r1"))
+    golden("sdr-path-refused-rewrite-v1.33.9.yaml", both)
+    assert 'system-default-registry: "harbor.example"\n' in both
+    assert doc["mirrors"]["harbor.example"]["rewrite"] == {"^rancher/(.*)$": "docker.io/rancher/$1"}
+    assert any("host[:port] only" in w for w in warnings)
+
+
+def test_golden_disable_default_endpoint_v1_29_1_and_refused_v1_29_0():
+    assert DISABLE_DEFAULT_ENDPOINT.describe() == "v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1"
+    _, warnings, _, both = render_node("https://harbor.example", node_ca_file="/etc/ssl/ca.pem",
+                                       rke2_version=v("v1.29.1+rke2r1"), disable_default_endpoint=True)
+    golden("disable-default-endpoint-v1.29.1.yaml", both)
+    assert "disable-default-registry-endpoint: true" in both and not any("disable" in w for w in warnings)
+    with pytest.raises(InputError) as e:
+        render("https://harbor.example", rke2_version=v("v1.29.0+rke2r1"), disable_default_endpoint=True)
+    golden("disable-default-endpoint-refused-v1.29.0.yaml", yaml.safe_dump({"refused": str(e.value)}, width=4096))
+    assert "\n" not in str(e.value) and "v1.29.1" in str(e.value)
+    _, warnings, _ = render("https://harbor.example", disable_default_endpoint=True)  # unknown version: a warning
+    assert any("--disable-default-endpoint" in w for w in warnings)
+
+
+def test_golden_embedded_registry_v1_28_6_and_refused_v1_28_5():
+    assert EMBEDDED_REGISTRY.describe() == "v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1"
+    _, warnings, doc, both = render_node("https://harbor.example", EXTRA_IMAGES, node_ca_file="/etc/ssl/ca.pem",
+                                         rke2_version=v("v1.28.6+rke2r1"), embedded_registry=True)
+    golden("embedded-registry-v1.28.6.yaml", both)
+    assert "embedded-registry: true" in both
+    # every source registry has a mirrors entry (so it is shared), each keeping the Harbor endpoint
+    for reg in ("docker.io", "quay.io", "registry.k8s.io"):
+        assert doc["mirrors"][reg]["endpoint"] == ["https://harbor.example:443"]  # :443: the rke2#5658 window
+    assert any("server option" in w for w in warnings)
+    with pytest.raises(InputError) as e:
+        render("https://harbor.example", rke2_version=v("v1.28.5+rke2r1"), embedded_registry=True)
+    golden("embedded-registry-refused-v1.28.5.yaml", yaml.safe_dump({"refused": str(e.value)}, width=4096))
+
+
+def test_update_config_yaml_keeps_comments_and_sets_several_keys():
+    old = "# node\ntoken: t\nsystem-default-registry: old.example\n"
+    new = update_config_yaml(old, {"system-default-registry": "h.example/p", "embedded-registry": True})
+    assert new.startswith("# node\ntoken: t\n")
+    assert yaml.safe_load(new) == {"token": "t", "system-default-registry": "h.example/p", "embedded-registry": True}
+    assert update_config_yaml(new, {"embedded-registry": True}) == new
+    assert update_config_yaml("", {"embedded-registry": True}) == "embedded-registry: true\n"
+
+
+def test_resolver_sdr_path_per_version():
+    etcd = ImageRef.parse("docker.io/rancher/hardened-etcd:v3.5.9-k3s1-build20240418")
+    regs = {"mirrors": {"harbor.example": {"endpoint": ["https://harbor.example"]}}}
+    for version, note in (("v1.34.6+rke2r1", False), ("v1.34.5+rke2r1", True), (None, True)):
+        a = resolve_endpoints(etcd, regs, "harbor.example/docker.io", v(version) if version else None)
+        assert a[0].manifest_url == ("https://harbor.example/v2/docker.io/rancher/hardened-etcd/manifests/"
+                                     "v3.5.9-k3s1-build20240418")
+        assert any("refuses to start" in n or "accepted only from" in n for n in a[0].notes) is note
+
+
+def test_disable_default_endpoint_gate_and_runtime_note():
+    regs = {"mirrors": {"docker.io": {"endpoint": ["https://m.example"]}}}
+    assert len(resolve_endpoints(ETCD, regs, None, v("v1.29.1+rke2r1"), disable_default_endpoint=True)) == 1
+    assert len(resolve_endpoints(ETCD, regs, None, v("v1.29.0+rke2r1"), disable_default_endpoint=True)) == 2
+    rt = resolve_endpoints(RUNTIME, regs, None, v("v1.29.1+rke2r1"), disable_default_endpoint=True)
+    assert rt[-1].default and any("wharfie" in n for n in rt[-1].notes)
+
+
+def test_cli_config_yaml_options_and_path_sdr(tmp_path):
+    conf = tmp_path / "config.yaml"
+    conf.write_text("# servers\ntoken: t\n")
+    r = cli("registries-yaml", "--to", "https://harbor.example/docker.io", "--rke2-version", "v1.35.3+rke2r1",
+            "--embedded-registry", "--disable-default-endpoint", "--config-yaml", str(conf))
+    assert r.exit_code == 0, r.stderr
+    assert conf.read_text().startswith("# servers\n")
+    assert yaml.safe_load(conf.read_text()) == {"token": "t", "system-default-registry": "harbor.example/docker.io",
+                                                "embedded-registry": True, "disable-default-registry-endpoint": True}
+    before = conf.read_text()
+    r = cli("registries-yaml", "--to", "https://harbor.example", "--rke2-version", "v1.26.12+rke2r1",
+            "--embedded-registry", "--config-yaml", str(conf))
+    assert r.exit_code == 2 and conf.read_text() == before
+    assert r.stderr.count("\n") == 1 and "--embedded-registry" in r.stderr
+    r = cli("registries-yaml", "--to", "https://harbor.example", "--disable-default-endpoint")
+    assert r.exit_code == 0 and "no --config-yaml" in r.stderr

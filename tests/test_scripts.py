@@ -540,8 +540,10 @@ def test_demo_prints_what_an_operator_types_and_keeps_the_registries_until_enter
         shell = [l for l in lines if l.startswith("$ ")]
         assert shell and all(l.startswith(("$ rke2-mirror ", "$ export ", "$ cd ")) for l in shell), shell
         assert not [l for l in lines if ".venv/bin/python -m" in l or "-m rke2_mirror" in l]
-        commands = [l.split()[2] + (" --dry-run" if "--dry-run" in l else "") for l in shell if l.startswith("$ rke2-mirror ")]
-        promised = ["list", "mirror", "mirror --dry-run", "mirror", "registries-yaml", "verify", "save", "inspect", "load"]
+        commands = [l.split()[2] + (" --dry-run" if "--dry-run" in l else "") + (" --for-node" if "--for-node" in l else "")
+                    for l in shell if l.startswith("$ rke2-mirror ")]
+        promised = ["list", "mirror", "mirror --dry-run", "mirror", "registries-yaml", "verify", "save", "inspect", "load",
+                    "save --for-node", "inspect"]
         assert commands == promised
         # the demo's --help promises the same steps, in the same order
         help_text = " ".join(subprocess.run([sys.executable, "-m", "rke2_mirror_testkit.demo", "--help"],

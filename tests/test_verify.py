@@ -163,7 +163,7 @@ def test_default_endpoint_tls_ignored_in_the_5658_window(harbor_factory, tmp_pat
 # -- a path prefix with rewrite rules ------------------------------------------------------------------------
 def _node_files(tmp_path: Path, cfg: NodeConfig, refs: list[str]) -> list[str]:
     doc, _ = build_registries(cfg)
-    return files(tmp_path, dump_registries(doc, cfg), sdr=cfg.target.host if cfg.system_default_registry else None,
+    return files(tmp_path, dump_registries(doc, cfg), sdr=cfg.system_default_registry_value,
                  refs=refs)
 
 
@@ -268,3 +268,75 @@ def test_registries_yaml_output_fed_to_verify_finds_every_image_mirror_copied(re
     assert rep["summary"] == {"total": 4, "found": 4, "failed": 0}
     assert rep["rke2_version"] == "v1.22.8+rke2r1"  # read from the rke2-runtime tag of the list
     assert by_image(rep)["docker.io/library/busybox:1.36"]["name"] == f"{token_registry.host}/library/busybox:1.36"
+
+
+# -- RKE2 of 2025-2026: a path in system-default-registry, disable-default-registry-endpoint, the embedded registry ---
+def _with_config(tmp_path: Path, registries: dict, config: dict, refs: list[str]) -> list[str]:
+    args = files(tmp_path, registries, refs=refs)
+    conf = tmp_path / "config.yaml"
+    conf.write_text(yaml.safe_dump({"token": "x", **config}))
+    return args + ["--config-yaml", str(conf)]
+
+
+def test_sdr_with_path_resolved_per_version(registry, tmp_path):
+    push_all(registry.url, prefix="docker.io")
+    target = RegistryURL.parse(registry.url + "/docker.io")
+    images = [ImageRef.parse(r) for r in SYSTEM]
+    new = NodeConfig.for_images(target, images, rke2_version=RKE2Version.parse("v1.34.6+rke2r1"))
+    assert new.system_default_registry_value == f"{registry.host}/docker.io"
+    proc = run_cli("verify", *_node_files(tmp_path / "a", new, SYSTEM), "--json", "--rke2-version", "v1.34.6+rke2r1")
+    rep = json.loads(proc.stdout)
+    assert proc.returncode == 0, rep
+    for img in rep["images"]:  # the node asks for HOST/docker.io/rancher/x, found through the host's own entry
+        assert img["name"].startswith(f"{registry.host}/docker.io/rancher/")
+        assert f"{registry.url}/v2/docker.io/rancher/" in img["attempts"][0]["url"]
+    assert "refuses to start" not in proc.stderr
+    # the same files on a release before rancher/rke2#9404: RKE2 would not start with that config.yaml
+    proc = run_cli("verify", *_node_files(tmp_path / "b", new, SYSTEM), "--json", "--rke2-version", "v1.34.5+rke2r1")
+    assert "refuses to start" in proc.stderr and "#9404" in proc.stderr
+    # written for v1.34.5: host only, and rewrite rules: found too
+    old = NodeConfig.for_images(target, images, rke2_version=RKE2Version.parse("v1.34.5+rke2r1"))
+    assert old.system_default_registry_value == registry.host
+    code, rep = verify(_node_files(tmp_path / "c", old, SYSTEM), "--rke2-version", "v1.34.5+rke2r1")
+    assert code == 0, rep
+
+
+def test_disable_default_endpoint_containerd_stops_but_the_runtime_pull_falls_back(registry, tmp_path):
+    regs = {"mirrors": {"docker.io": {"endpoint": [registry.url]}}}  # nothing pushed: every image missing
+    args = _with_config(tmp_path, regs, {"disable-default-registry-endpoint": True}, SYSTEM)
+    code, rep = verify(args, "--rke2-version", "v1.30.14+rke2r1")
+    imgs = by_image(rep)
+    assert code == 1
+    etcd = imgs[SYSTEM[1]]
+    assert [a["default"] for a in etcd["attempts"]] == [False] and etcd["reason"] == "not-found"
+    runtime = imgs[RUNTIME]  # RKE2's own pull (wharfie) still tries the default endpoint last
+    assert [a["default"] for a in runtime["attempts"]] == [False, True]
+    assert any("wharfie" in n for n in runtime["notes"])
+    # before v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1 the key does not exist: containerd falls back as always
+    proc = run_cli("verify", *args, "--json", "--rke2-version", "v1.29.0+rke2r1")
+    etcd = by_image(json.loads(proc.stdout))[SYSTEM[1]]
+    assert [a["default"] for a in etcd["attempts"]] == [False, True]
+    assert "does not have it" in proc.stderr
+
+
+def test_embedded_registry_reports_what_peers_can_serve(registry, tmp_path):
+    refs = SYSTEM + ["docker.io/library/busybox:latest", "quay.io/cilium/cilium:v1.15.4"]
+    push_all(registry.url, refs[:-1])
+    regs = {"mirrors": {"docker.io": {"endpoint": [registry.url]}}}  # no entry for quay.io
+    args = _with_config(tmp_path, regs, {"embedded-registry": True}, refs)
+    proc = run_cli("verify", *args, "--json", "--rke2-version", "v1.30.14+rke2r1")
+    rep = json.loads(proc.stdout)
+    imgs = by_image(rep)
+    assert imgs[SYSTEM[1]]["embedded_registry"] == "shared"
+    assert imgs["docker.io/library/busybox:latest"]["embedded_registry"] == "latest"
+    assert imgs["quay.io/cilium/cilium:v1.15.4"]["embedded_registry"] == "not-mirrored"
+    assert rep["embedded_registry"] == {"shared": 3, "latest": 1, "not_mirrored": 1}
+    assert any("never share it" in n for n in imgs["docker.io/library/busybox:latest"]["notes"])
+    assert "embedded registry: 3 of 5 images can be served by peers" in proc.stderr
+    assert "tagged latest are never shared" in proc.stderr and "busybox:latest" in proc.stderr
+    # the table has a note per image
+    proc = run_cli("verify", *args, "--rke2-version", "v1.30.14+rke2r1")
+    assert sum(1 for ln in proc.stdout.splitlines() if ln.startswith("note: ") and "peer" in ln) == 5
+    # a release without the embedded registry: nothing modelled, and said so
+    proc = run_cli("verify", *args, "--json", "--rke2-version", "v1.28.5+rke2r1")
+    assert json.loads(proc.stdout)["embedded_registry"] is None and "does not have it" in proc.stderr

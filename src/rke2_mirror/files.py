@@ -68,3 +68,17 @@ def _fsync_dir(directory: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def read_capped(path: Path | str, limit: int, what: str, error: type[InputError] = InputError) -> bytes:
+    """A file we did not write (a list, a config), reading no more than `limit` + 1 bytes of it (the caller
+    refuses more than `limit`); a missing file, a directory or a read error is one `error` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path}: is a directory") from None
+    except OSError as exc:
+        raise error(f"{what} {path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None

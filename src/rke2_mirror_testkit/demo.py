@@ -10,7 +10,8 @@
 3. the commands an operator runs, each printed as typed (`$ rke2-mirror ...`, after the `cd` and
    `export` lines they need) before its output: list, mirror, mirror --dry-run (what another run would
    copy: nothing), the same mirror again (nothing copied), registries-yaml, verify, then save, inspect
-   and load through one archive into a fresh registry.
+   and load through one archive into a fresh registry, and `save --for-node`: a tarball for a node's
+   agent/images directory, and what `inspect` says a node will find in it.
 
 --keep keeps the work directory and, on a terminal, the local registries and release server until you
 press Enter, so the printed commands can be run again from another shell.
@@ -87,15 +88,23 @@ class Shell:
             print(f"$ export {name}={shlex.quote(value)}" + (f"   # {why}" if why else ""))
         sys.stdout.flush()
 
-    def run(self, args: list[str], ok: tuple[int, ...] = (0,), head: int | None = None) -> subprocess.CompletedProcess:
-        """`rke2-mirror ARGS`, printed, then run; with `head`, stdout is captured and its first lines shown."""
+    def run(self, args: list[str], ok: tuple[int, ...] = (0,), head: int | None = None,
+            only: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+        """`rke2-mirror ARGS`, printed, then run; with `head`, stdout is captured and its first lines shown;
+        with `only`, the lines starting with one of those words."""
         shown = shlex.join([PROG, *args])
         print(f"$ {shown}", flush=True)
+        capture = head is not None or only is not None
         proc = subprocess.run([self.exe, *args], env=self.env, cwd=self.work, text=True,
-                              stdout=subprocess.PIPE if head is not None else None)
+                              stdout=subprocess.PIPE if capture else None)
         if head is not None:
             lines = proc.stdout.splitlines()
             print("\n".join(lines[:head]) + (f"\n... ({len(lines)} lines in all)" if len(lines) > head else ""), flush=True)
+        elif only is not None:
+            lines = proc.stdout.splitlines()
+            kept = [line for line in lines if line.startswith(only)]
+            print("\n".join(kept) + f"\n... ({len(lines)} lines in all; the lines above are the ones that matter "
+                  "here)", flush=True)
         if proc.returncode not in ok:
             raise SystemExit(f"demo: command failed with exit status {proc.returncode}: {shown}")
         return proc
@@ -187,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         stack.append(inner)
         print(f"(a fresh registry inside the gap: {inner.url})")
         sh.run(["load", archive, "--to", inner.url])
+        _say("8. or no registry at all: one tarball per arch a node boots from (its agent/images directory)")
+        node_tar = "rke2-images.linux-amd64.tar.zst"
+        sh.run(["save", "--for-node", "--release", "stable", "--platform", "linux/amd64",
+                "--system-default-registry", harbor.url.split("://", 1)[1], "--output", node_tar, *common])
+        sh.run(["inspect", node_tar], only=("archive:", "contents:", "node:"))
         _say("done")
         print(f"rke2 {CHANNEL_VERSION}: listed, mirrored into Harbor, checked with a dry run, node files written and "
-              "verified, saved to an archive and loaded across the gap.")
+              "verified, saved to an archive and loaded across the gap, and a node tarball written.")
         _hold_or_stop(args.keep, sys.stdin.isatty())
         return 0
     finally:

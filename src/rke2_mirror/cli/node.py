@@ -25,6 +25,7 @@ node_versions = LazyModule("rke2_mirror.node.versions")  # imported when a comma
 node_registries = LazyModule("rke2_mirror.node.registries")
 node_writer = LazyModule("rke2_mirror.node.writer")
 nodecheck = LazyModule("rke2_mirror.node.verify")
+node_resolver = LazyModule("rke2_mirror.node.resolver")
 
 ENV_IDENTITY_TOKEN = "RKE2_MIRROR_IDENTITY_TOKEN"
 
@@ -135,6 +136,8 @@ def registries_yaml_command(
     with_auth: Annotated[bool, typer.Option("--with-auth", help=f"Write auth from ${ENV_USERNAME}/${ENV_PASSWORD} (or ${ENV_IDENTITY_TOKEN}).")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Update the existing --output file: other mirrors and configs are kept (its comments are not).")] = False,
     system_default_registry: Annotated[bool, typer.Option("--system-default-registry/--no-system-default-registry", help="Pull RKE2's system images from TARGET (config.yaml system-default-registry). --no-system-default-registry: TARGET serves workload images only (and --config-yaml removes the key).")] = True,
+    disable_default_endpoint: Annotated[bool, typer.Option("--disable-default-endpoint", help="Also write disable-default-registry-endpoint: true into --config-yaml: containerd then never falls back to a registry's upstream endpoint for the registries listed (RKE2 v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1 and later; RKE2's own runtime-image pull still does).")] = False,
+    embedded_registry: Annotated[bool, typer.Option("--embedded-registry", help="Also write embedded-registry: true into --config-yaml (servers): nodes share the images of every mirrored registry with each other (Spegel; RKE2 v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1 and later).")] = False,
     rke2_version: RKE2VersionOpt = None,
     images: ImageLists,
     lists: ReleaseOptions,
@@ -153,8 +156,6 @@ def registries_yaml_command(
     target = RegistryURL.parse(to, what="--to")
     if merge and output is None:
         raise InputError("--merge needs --output PATH (the registries.yaml to update)")
-    sdr_host = target.host if system_default_registry else None
-    config_update = prepare_config_yaml(config_yaml, sdr_host) if config_yaml is not None else None
     existing = None
     if merge and output:
         existing = node_registries.load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output))
@@ -162,14 +163,24 @@ def registries_yaml_command(
     auth = credentials_from_env() if with_auth else None
     local_refs, named = local_images(images, required=False)
     node_options = dict(node_ca_file=node_ca_file, insecure_skip_verify=insecure_skip_verify, auth=auth,
-                        system_default_registry=system_default_registry)
-    # refuses what cannot work on a version known now (the http system-default-registry trap), before any download
-    node_writer.check_node_config(node_writer.NodeConfig.for_images(
-        target, local_refs, **node_options, rke2_version=known_version(rke2_version, named, local_refs)))
+                        system_default_registry=system_default_registry,
+                        disable_default_endpoint=disable_default_endpoint, embedded_registry=embedded_registry)
+    # refuses what cannot work on a version known now (the http system-default-registry trap, the config.yaml
+    # options of later releases), and reads config.yaml, before any download
+    early = node_writer.NodeConfig.for_images(target, local_refs, **node_options,
+                                              rke2_version=known_version(rke2_version, named, local_refs))
+    node_writer.check_node_config(early)
+    if config_yaml is not None:
+        prepare_config_yaml(config_yaml, early.config_updates())
     refs, versions = with_release_images(images, lists, local_refs)
     version = pick_version(rke2_version, versions, refs)
     cfg = node_writer.NodeConfig.for_images(target, refs, **node_options, rke2_version=version)
     doc, warnings = node_writer.build_registries(cfg, existing, str(output))
+    config_update = prepare_config_yaml(config_yaml, cfg.config_updates()) if config_yaml is not None else None
+    if config_yaml is None and (disable_default_endpoint or embedded_registry):
+        keys = [k for k, on in (("disable-default-registry-endpoint", disable_default_endpoint),
+                                ("embedded-registry", embedded_registry)) if on]
+        warnings.append(f"no --config-yaml: add {', '.join(f'`{k}: true`' for k in keys)} to the nodes' config.yaml yourself")
     text = node_writer.dump_registries(doc, cfg)
     if version is None and system_default_registry:
         warnings.append("RKE2 version unknown (give --release or --rke2-version): written for every supported release")
@@ -187,16 +198,18 @@ def registries_yaml_command(
         warn(w)
 
 
-def prepare_config_yaml(path: Path, host: str | None):
-    """Read and rewrite config.yaml in memory (an InputError now if it cannot be); returns what writes it."""
+def prepare_config_yaml(path: Path, updates: dict):
+    """Read and rewrite config.yaml in memory (an InputError now if it cannot be); returns what writes it.
+    `updates`: the keys to set (None: remove), system-default-registry first."""
     old = read_text(path, "config.yaml", missing_ok=True)
-    new = node_writer.set_system_default_registry(old, host, str(path))
+    new = node_writer.update_config_yaml(old, updates, str(path))
 
     def write() -> None:
         if new != old:
             write_atomic(path, new, existing_mode(path, 0o600))
-        what = f"system-default-registry: {host}" if host else "no system-default-registry"
-        typer.echo(f"{PROG}: {path}: {what}", err=True)
+        what = [f"{k}: {str(val).lower() if isinstance(val, bool) else val}" if val is not None else f"no {k}"
+                for k, val in updates.items()]
+        typer.echo(f"{PROG}: {path}: {', '.join(what)}", err=True)
 
     return write
 
@@ -230,6 +243,7 @@ def verify_command(
     conf_text = read_text(config_yaml, "config.yaml") if config_yaml else ""
     sdr = node_writer.system_default_registry_of(conf_text, str(config_yaml))
     no_default = node_writer.default_endpoint_disabled(conf_text, str(config_yaml))
+    embedded = node_writer.embedded_registry_enabled(conf_text, str(config_yaml))
     if node_root is not None and not node_root.is_dir():
         raise InputError(f"--node-root {node_root}: no such directory")
     if rke2_version:
@@ -251,12 +265,26 @@ def verify_command(
         report = nodecheck.check_images(refs, regs, system_default_registry=sdr, rke2_version=version, platform=platform,
                               jobs=jobs_n, progress=progress.update, node_path=node_path,
                               check_upstream=check_upstream, disable_default_endpoint=no_default,
-                              registry_factory=factory)
+                              embedded_registry=embedded, registry_factory=factory)
     finally:
         progress.close()
+    extra: list[str] = []
     if version is None:
-        report = nodecheck.VerifyReport(report.images, report.system_default_registry, None, report.platform,
-                              ("RKE2 version unknown (give --release or --rke2-version): modelled as the current releases",))
+        extra.append("RKE2 version unknown (give --release or --rke2-version): modelled as the current releases")
+    path_note = node_resolver.sdr_path_note(sdr, version)
+    if path_note and version is not None:
+        extra.append(path_note)
+    for key, on, gate in (("disable-default-registry-endpoint", no_default, node_versions.DISABLE_DEFAULT_ENDPOINT),
+                          ("embedded-registry", embedded, node_versions.EMBEDDED_REGISTRY)):
+        if on and version is not None and not gate.holds(version):
+            extra.append(f"config.yaml {key}: RKE2 {version} does not have it (from {gate.describe()}): modelled without it")
+    latest = [str(c.name) for c in report.images if c.peer == nodecheck.PEER_LATEST]
+    if latest:
+        extra.append(f"embedded registry: {len(latest)} image(s) tagged latest are never shared by peers: "
+                     + ", ".join(latest[:5]) + (f" and {len(latest) - 5} more" if len(latest) > 5 else ""))
+    if extra:
+        report = nodecheck.VerifyReport(report.images, report.system_default_registry, version, report.platform,
+                                        report.warnings + tuple(extra))
     if as_json:
         import json
         typer.echo(json.dumps(report.to_json(), indent=2))
@@ -265,6 +293,9 @@ def verify_command(
     j = report.to_json()["summary"]
     typer.echo(f"{PROG}: {j['total']} images: {j['found']} found, {j['failed']} would fail"
                + (f" (RKE2 {version})" if version else ""), err=True)
+    peers = report.peer_summary()
+    if peers:
+        typer.echo(f"{PROG}: {peers}", err=True)
     for w in report.warnings:
         warn(w)
     if not report.ok:

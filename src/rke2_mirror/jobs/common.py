@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rke2_mirror.endpoints.auth import Credentials, lookup_credentials
 from rke2_mirror.engine.copy import CopyEngine, CopyOptions, CopyTask, Locator, Progress, Report
+from rke2_mirror.files import read_capped
 from rke2_mirror.model.errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
 from rke2_mirror.endpoints.harbor import Harbor, project_of
 from rke2_mirror.model.reference import DOCKER_HUB_API, ImageRef, RegistryURL, parse_image_lines
@@ -68,15 +69,7 @@ def image_list_text(data: bytes, origin: str, what: str = "image list") -> str:
 def read_image_list(path: Path | str, what: str = "image list") -> list[ImageRef]:
     """An image list file (`--images`, a sync config's `images:`), reading no more than
     IMAGE_LIST_MAX_BYTES + 1 bytes of it; every problem is one InputError naming the file (and the line)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(IMAGE_LIST_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise InputError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path}: is a directory") from None
-    except OSError as exc:
-        raise InputError(f"{what} {path}: {exc.strerror or exc.__class__.__name__}") from None
+    data = read_capped(path, IMAGE_LIST_MAX_BYTES, what)
     return parse_image_lines(image_list_text(data, str(path), what), origin=str(path))
 
 

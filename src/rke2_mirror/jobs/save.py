@@ -183,6 +183,9 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
     if not output.parent.is_dir():
         raise InputError(f"--output {output}: directory {output.parent} does not exist")
     compression = None
+    if for_node is None and output.name.lower().endswith((".gz", ".tgz", ".zst", ".tzst", ".bz2", ".tbz", ".lz4")):
+        raise InputError(f"--output {output.name}: save writes a plain tar (layers are compressed already, and `load` "
+                         "reads it in place); name it .tar, or add --for-node for a compressed node tarball")
     if for_node is not None:
         if split is not None:
             raise InputError("--for-node writes one file (a node does not read split parts): drop --split")

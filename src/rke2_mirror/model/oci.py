@@ -41,9 +41,13 @@ class Platform:
 
     @classmethod
     def from_json(cls, obj: dict | None) -> "Platform | None":
-        if not isinstance(obj, dict) or "os" not in obj or "architecture" not in obj:
-            return None
-        return cls(obj["os"], obj["architecture"], obj.get("variant"), obj.get("os.version"))
+        if not isinstance(obj, dict) or not isinstance(obj.get("os"), str) or not isinstance(obj.get("architecture"), str):
+            return None  # no platform, or not one we can compare: never a crash further on
+
+        def opt(key: str) -> str | None:
+            v = obj.get(key)
+            return v if isinstance(v, str) else None
+        return cls(obj["os"], obj["architecture"], opt("variant"), opt("os.version"))
 
     def matches(self, wanted: "Platform") -> bool:
         """Does this (an image's) platform satisfy `wanted` (a user's filter)?"""
@@ -72,15 +76,19 @@ class Descriptor:
     @classmethod
     def from_json(cls, obj: dict) -> "Descriptor":
         try:
+            size = int(obj["size"])
+            if size < 0 or not isinstance(obj["digest"], str) or not isinstance(obj.get("mediaType", ""), str):
+                raise ValueError("size must be >= 0, digest and mediaType strings")
+            annotations = obj.get("annotations")
             return cls(
                 obj.get("mediaType", ""),
                 obj["digest"],
-                int(obj["size"]),
+                size,
                 Platform.from_json(obj.get("platform")),
-                obj.get("annotations"),
+                annotations if isinstance(annotations, dict) else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UnsupportedManifest(f"malformed descriptor {obj!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+            raise UnsupportedManifest(f"malformed descriptor {_short_repr(obj)}: {exc}") from None
 
     @classmethod
     def of_bytes(cls, media_type: str, raw: bytes) -> "Descriptor":
@@ -129,6 +137,12 @@ def check_digest(digest: str) -> str:
         raise UnsupportedManifest(f"invalid digest {digest!r}")
     return digest
 
+
+
+def _short_repr(obj: object, limit: int = 200) -> str:
+    """A hostile descriptor can be megabytes: messages show its start only."""
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def sha256_digest(data: bytes) -> str:

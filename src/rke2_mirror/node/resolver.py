@@ -9,9 +9,11 @@ Names
   (rke2 `pkg/images`: `override(docker.io, SDR) + "/rancher/..."`; charts prefix
   `global.systemDefaultRegistry`).  Images already named with another registry are left alone; the
   release lists contain only docker.io images in practice.  SDR takes `host[:port]` only
-  (rancher/rke2#768); a path there is disputed (rancher/rke2#9404 merged against the maintainers'
-  objection; rancher/rke2#10822) and no release is known to accept it, so the writer never puts one
-  there and `verify`, given one, prefixes it and says so.
+  (rancher/rke2#768) before rancher/rke2#9404, which accepts `host[:port]/path` (a node then asks for
+  `SDR/rancher/x:t` with the path; merged against the maintainers' objection; rancher/rke2#10822: the
+  path prepended again on restart).  The releases: `node.versions.SDR_PATH`.  The writer puts a path
+  there only for a version known to accept it; `verify` prefixes it and, on older or unknown
+  versions, says that RKE2 refuses to start with it.
 
 Two pullers
   * `rke2-runtime` (`rancher/rke2-runtime`, the first image) is pulled by RKE2 itself through
@@ -68,10 +70,13 @@ from rke2_mirror.node.registries import (
 )
 from rke2_mirror.node.versions import (
     DEFAULT_ENDPOINT_TLS_FIX,
+    DISABLE_DEFAULT_ENDPOINT,
     RUNTIME_HTTP_TOKEN_FIX,
     RUNTIME_REPOSITORY,
+    SDR_PATH,
     WILDCARD_MIRRORS,
     RKE2Version,
+    accepts_sdr_path,
     has_runtime_token_fix,
     honours_default_endpoint_tls,
     honours_wildcard,
@@ -184,9 +189,9 @@ def resolve_endpoints(image: ImageRef, registries_yaml: Mapping | Registries | N
         raise ValueError(f"unknown puller {puller!r}")
     name = node_image(image, system_default_registry)
     notes: list[str] = []
-    if system_default_registry and "/" in system_default_registry.strip().strip("/"):
-        notes.append("system-default-registry has a path: no RKE2 release is known to accept one "
-                     "(rancher/rke2#768, #9404, #10822)")
+    path_note = sdr_path_note(system_default_registry, rke2_version)
+    if path_note:
+        notes.append(path_note)
     key, mirror = _find_mirror(regs, name.registry, rke2_version, notes)
     default = Endpoint.default_for(name.registry)
     mirror_eps: list[Endpoint] = []
@@ -205,14 +210,30 @@ def resolve_endpoints(image: ImageRef, registries_yaml: Mapping | Registries | N
         if any(a.endpoint == ep for a in attempts):
             continue
         attempts.append(_attempt(puller, name, ep, regs, rke2_version, mirror, key, False, notes))
-    no_default = (disable_default_endpoint and puller == "containerd" and mirror is not None
-                  and uses_hosts_toml(rke2_version) and default_from_mirror is None)
+    disabled = disable_default_endpoint and (rke2_version is None or DISABLE_DEFAULT_ENDPOINT.holds(rke2_version))
+    no_default = disabled and puller == "containerd" and mirror is not None and default_from_mirror is None
     if no_default:
         return attempts
+    if disabled and puller == "rke2-runtime":
+        notes.append("disable-default-registry-endpoint does not apply to the runtime image: RKE2's own pull "
+                     "(rancher/wharfie) still tries the default endpoint last")
     if not any(a.endpoint == default and a.repository == name.repository for a in attempts):
         attempts.append(_attempt(puller, name, default, regs, rke2_version, None, key, True, notes,
                                  merged=default_from_mirror is not None))
     return attempts
+
+
+def sdr_path_note(system_default_registry: str | None, version: RKE2Version | None) -> str | None:
+    """What to say about a path in system-default-registry on `version` (None: nothing to say)."""
+    if not system_default_registry or "/" not in system_default_registry.strip().strip("/"):
+        return None
+    if accepts_sdr_path(version):
+        return None
+    if version is None:
+        return (f"system-default-registry has a path: accepted only from RKE2 {SDR_PATH.describe()} (rancher/rke2#9404); "
+                "older releases refuse to start with it (rancher/rke2#768)")
+    return (f"system-default-registry has a path: RKE2 {version} refuses to start with it (rancher/rke2#768; a path is "
+            f"accepted from {SDR_PATH.describe()}, rancher/rke2#9404)")
 
 
 def _same_as_default(ep: Endpoint, default: Endpoint) -> Endpoint | None:

@@ -20,9 +20,10 @@ from rke2_mirror.model.oci import Platform, parse_manifest
 from rke2_mirror.model.reference import ImageRef
 from rke2_mirror.endpoints.registry import Registry
 from rke2_mirror.engine.retry import RetryPolicy
-from rke2_mirror.node.registries import Registries
-from rke2_mirror.node.resolver import Attempt, Endpoint, node_image, puller_for, resolve_endpoints
-from rke2_mirror.node.versions import DEFAULT_ENDPOINT_TLS_FIX, RUNTIME_HTTP_TOKEN_FIX, RKE2Version
+from rke2_mirror.node.registries import WILDCARD, Registries
+from rke2_mirror.node.resolver import _DOCKER_HUB_HOSTS, Attempt, Endpoint, node_image, puller_for, resolve_endpoints
+from rke2_mirror.node.versions import (DEFAULT_ENDPOINT_TLS_FIX, RUNTIME_HTTP_TOKEN_FIX, RKE2Version,
+                                       has_embedded_registry, honours_wildcard)
 
 FOUND = "found"
 # failure reasons, in the words of the report
@@ -37,6 +38,18 @@ PLATFORM_MISSING = "platform-missing"
 UNSUPPORTED = "unchecked"
 UPSTREAM = "upstream-not-checked"
 ERROR = "error"
+
+# what the embedded registry mirror (Spegel, config.yaml `embedded-registry: true`) does with an image: a
+# registry is shared only when registries.yaml has a `mirrors` entry for it (k3s docs, registry-mirror), and
+# images tagged `latest` are never shared (same docs); the peers are tried before the mirror's endpoints
+PEER_SHARED = "shared"
+PEER_LATEST = "latest"
+PEER_UNMIRRORED = "not-mirrored"
+PEER_NOTES = {
+    PEER_SHARED: "peers can serve it once any node has it (embedded registry, tried before the mirror endpoints)",
+    PEER_LATEST: "tagged latest: peers never share it (embedded registry), every node pulls it from the endpoints",
+    PEER_UNMIRRORED: "not shared by peers: registries.yaml has no mirrors entry for {registry}",
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ class ImageCheck:
     name: ImageRef
     puller: str
     attempts: tuple[AttemptResult, ...]
+    peer: str | None = None  # embedded registry: PEER_SHARED / PEER_LATEST / PEER_UNMIRRORED; None: not enabled
 
     @property
     def found(self) -> AttemptResult | None:
@@ -76,7 +90,8 @@ class ImageCheck:
 
     @property
     def notes(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(n for a in self.attempts for n in a.attempt.notes))
+        peer = (f"{self.name}: {PEER_NOTES[self.peer].format(registry=self.name.registry)}",) if self.peer else ()
+        return tuple(dict.fromkeys([*(n for a in self.attempts for n in a.attempt.notes), *peer]))
 
     def to_json(self) -> dict:
         found, fail = self.found, self.failure
@@ -93,6 +108,7 @@ class ImageCheck:
             "attempts": [{"url": r.attempt.manifest_url, "default": r.attempt.default, "status": r.status,
                           "error": r.message or None, "fix": r.fix} for r in self.attempts],
             "notes": list(self.notes),
+            "embedded_registry": self.peer,
         }
 
 
@@ -108,14 +124,28 @@ class VerifyReport:
     def ok(self) -> bool:
         return all(c.ok for c in self.images)
 
+    def peer_summary(self) -> str | None:
+        """One line on what the embedded registry's peers can serve (None: not enabled)."""
+        peers = [c.peer for c in self.images if c.peer]
+        if not peers:
+            return None
+        latest = peers.count(PEER_LATEST)
+        unmirrored = peers.count(PEER_UNMIRRORED)
+        return (f"embedded registry: {peers.count(PEER_SHARED)} of {len(self.images)} images can be served by peers "
+                f"once one node has them; {latest} tagged latest (never shared), {unmirrored} of registries "
+                f"without a mirrors entry (not shared)")
+
     def to_json(self) -> dict:
         found = sum(1 for c in self.images if c.ok)
+        peers = [c.peer for c in self.images if c.peer]
         return {
             "summary": {"total": len(self.images), "found": found, "failed": len(self.images) - found},
             "rke2_version": str(self.rke2_version) if self.rke2_version else None,
             "system_default_registry": self.system_default_registry,
             "platform": str(self.platform),
             "warnings": list(self.warnings),
+            "embedded_registry": ({"shared": peers.count(PEER_SHARED), "latest": peers.count(PEER_LATEST),
+                                   "not_mirrored": peers.count(PEER_UNMIRRORED)} if peers else None),
             "images": [c.to_json() for c in self.images],
         }
 
@@ -156,6 +186,7 @@ class NodeChecker:
     jobs: int = 4
     check_upstream: bool = False
     disable_default_endpoint: bool = False
+    embedded_registry: bool = False
     _clients: dict = field(default_factory=dict, init=False, repr=False)
     _probes: dict = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -195,7 +226,19 @@ class NodeChecker:
             results.append(r)
             if r.ok:
                 break
-        return ImageCheck(image, node_image(image, self.system_default_registry), puller, tuple(results))
+        name = node_image(image, self.system_default_registry)
+        return ImageCheck(image, name, puller, tuple(results), self._peer(name))
+
+    def _peer(self, name: ImageRef) -> str | None:
+        if not self.embedded_registry or not has_embedded_registry(self.rke2_version):
+            return None
+        if name.tag == "latest" and not name.digest:
+            return PEER_LATEST
+        keys = {name.registry} | (set(_DOCKER_HUB_HOSTS) if name.registry in _DOCKER_HUB_HOSTS else set())
+        if keys & set(self.registries.mirrors) or (WILDCARD in self.registries.mirrors
+                                                   and honours_wildcard(self.rke2_version)):
+            return PEER_SHARED
+        return PEER_UNMIRRORED
 
     # -- one attempt -------------------------------------------------------------------------
     def _try(self, a: Attempt, image: ImageRef) -> AttemptResult:
@@ -361,8 +404,8 @@ def check_images(images: Iterable[ImageRef], registries: Registries, *, system_d
                  jobs: int = 4, progress: Callable[[ImageCheck], None] | None = None,
                  registry_factory: RegistryFactory = default_registry_factory,
                  node_path: Callable[[str], str] = str, check_upstream: bool = False,
-                 disable_default_endpoint: bool = False) -> VerifyReport:
+                 disable_default_endpoint: bool = False, embedded_registry: bool = False) -> VerifyReport:
     """Convenience: one NodeChecker, closed at the end."""
     with NodeChecker(registries, system_default_registry, rke2_version, platform, node_path, registry_factory,
-                     jobs, check_upstream, disable_default_endpoint) as checker:
+                     jobs, check_upstream, disable_default_endpoint, embedded_registry) as checker:
         return checker.check_all(list(images), progress)

@@ -20,9 +20,13 @@ from rke2_mirror.model.reference import DOCKER_HUB, ImageRef, RegistryURL
 from rke2_mirror.node.registries import Registries, load_yaml_mapping
 from rke2_mirror.node.resolver import Endpoint
 from rke2_mirror.node.versions import (
+    DISABLE_DEFAULT_ENDPOINT,
+    EMBEDDED_REGISTRY,
     HOSTS_TOML,
     RUNTIME_HTTP_TOKEN_FIX,
+    SDR_PATH,
     RKE2Version,
+    accepts_sdr_path,
     has_runtime_token_fix,
     honours_default_endpoint_tls,
     uses_hosts_toml,
@@ -46,6 +50,8 @@ class NodeConfig:
     auth: Credentials | None = None
     system_default_registry: bool = True
     rke2_version: RKE2Version | None = None
+    disable_default_endpoint: bool = False  # config.yaml disable-default-registry-endpoint: true
+    embedded_registry: bool = False  # config.yaml embedded-registry: true (Spegel)
 
     @classmethod
     def for_images(cls, target: RegistryURL, images: Iterable[ImageRef], **kw) -> "NodeConfig":
@@ -53,6 +59,27 @@ class NodeConfig:
         for ref in images:
             regs.setdefault(ref.registry, set()).add(_namespace(ref.repository))
         return cls(target, tuple(regs), {r: tuple(sorted(ns)) for r, ns in regs.items() if ns}, **kw)
+
+    @property
+    def sdr_path(self) -> bool:
+        """Is system-default-registry written as HOST/PREFIX (a prefix, and a version known to accept it)?"""
+        return bool(self.system_default_registry and self.target.prefix and accepts_sdr_path(self.rke2_version))
+
+    @property
+    def system_default_registry_value(self) -> str | None:
+        """What config.yaml's `system-default-registry` is set to (None: removed)."""
+        if not self.system_default_registry:
+            return None
+        return f"{self.target.host}/{self.target.prefix}" if self.sdr_path else self.target.host
+
+    def config_updates(self) -> dict:
+        """The config.yaml keys to set (None: remove); keys of options not given are left alone."""
+        out: dict = {SDR_KEY: self.system_default_registry_value}
+        if self.disable_default_endpoint:
+            out[DISABLE_DEFAULT_ENDPOINT_KEY] = True
+        if self.embedded_registry:
+            out[EMBEDDED_REGISTRY_KEY] = True
+        return out
 
     @property
     def endpoint(self) -> Endpoint:
@@ -65,7 +92,7 @@ class NodeConfig:
 
     def _needs_port_443(self) -> bool:
         v = self.rke2_version
-        if self.target.prefix and self.system_default_registry:
+        if self.target.prefix and self.system_default_registry and not self.sdr_path:
             return True  # rewrites never reach the default endpoint on hosts.toml releases
         tls_needed = bool(self.node_ca_file or self.insecure_skip_verify)
         return tls_needed and v is not None and not honours_default_endpoint_tls(v)
@@ -118,8 +145,9 @@ def build_registries(cfg: NodeConfig, existing: Mapping | None = None,
     for reg in cfg.source_registries:
         mirrors[reg] = _mirror_entry(ep, cfg, cfg.namespaces_of(reg))
     own = cfg.target.host
-    mirrors[own] = _mirror_entry(ep, cfg, cfg.namespaces_of(DOCKER_HUB) if cfg.system_default_registry else
-                                 _all_namespaces(cfg))
+    # with a path in system-default-registry the node already asks for HOST/PREFIX/rancher/x: no rewrite there
+    mirrors[own] = _mirror_entry(ep, cfg, () if cfg.sdr_path else
+                                 cfg.namespaces_of(DOCKER_HUB) if cfg.system_default_registry else _all_namespaces(cfg))
     entry = _config_entry(cfg)
     hosts = dict.fromkeys([ep.host, own])  # both, when the endpoint carries an explicit :443
     configs = {h: dict(entry) for h in hosts} if entry else {}
@@ -182,11 +210,30 @@ def check_node_config(cfg: NodeConfig) -> list[str]:
                 f"{t.host} is plain http: system-default-registry works only through the mirror entry for {t.host} "
                 f"written here, and not for token-auth registries on RKE2 before {RUNTIME_HTTP_TOKEN_FIX.describe()} "
                 f"(rancher/rke2#4308); https (with --node-ca-file) is the robust choice")
-    if cfg.system_default_registry and t.prefix:
+    for flag, gate, key, wanted in (
+            ("--disable-default-endpoint", DISABLE_DEFAULT_ENDPOINT, DISABLE_DEFAULT_ENDPOINT_KEY, cfg.disable_default_endpoint),
+            ("--embedded-registry", EMBEDDED_REGISTRY, EMBEDDED_REGISTRY_KEY, cfg.embedded_registry)):
+        if not wanted:
+            continue
+        if v is not None and not gate.holds(v):
+            raise InputError(f"{flag}: RKE2 {v} has no `{key}` (from {gate.describe()}); upgrade or drop {flag}")
+        if v is None:
+            warnings.append(f"{flag}: `{key}` exists only from RKE2 {gate.describe()} (the version is unknown)")
+    if cfg.embedded_registry:
+        warnings.append(f"`{EMBEDDED_REGISTRY_KEY}: true` is a server option: put that config.yaml on the server nodes "
+                        "only (an agent does not start with it, k3s-io/k3s discussion #9751); every node needs the "
+                        "registries.yaml, whose mirrors entries choose what peers share")
+    if cfg.sdr_path:
         warnings.append(
-            f"system-default-registry is set to {t.host} without the path {t.prefix!r}: RKE2 accepts host[:port] only "
-            f"(rancher/rke2#768; a path is accepted by no known release, rancher/rke2#9404, #10822); the prefix is "
-            f"applied by the rewrite rules (RKE2 v1.20.6 and later, rancher/rke2#741)")
+            f"system-default-registry written as {cfg.system_default_registry_value} (RKE2 {v} accepts a path: "
+            f"rancher/rke2#9404, from {SDR_PATH.describe()}); rancher/rke2#10822: releases before the August 2026 "
+            f"fixes prepend the path again on each restart (duplicate image tags)")
+    elif cfg.system_default_registry and t.prefix:
+        warnings.append(
+            f"system-default-registry is set to {t.host} without the path {t.prefix!r}: RKE2 "
+            + (f"{v} accepts host[:port] only" if v is not None else "accepts a path only from "
+               f"{SDR_PATH.describe()} (rancher/rke2#9404; the version is unknown)")
+            + " (rancher/rke2#768); the prefix is applied by the rewrite rules (RKE2 v1.20.6 and later, rancher/rke2#741)")
         if t.scheme == "https" and ":" in t.host.rsplit("]", 1)[-1] and not t.host.endswith(":443"):
             msg = (f"the mirror entry for {t.host} uses the same URL as its default endpoint https://{t.host}/v2, and from "
                    f"the February 2024 releases ({HOSTS_TOML.describe()}) containerd applies no rewrite there "
@@ -282,6 +329,8 @@ def _quoted(value):
 
 
 SDR_KEY = "system-default-registry"
+DISABLE_DEFAULT_ENDPOINT_KEY = "disable-default-registry-endpoint"
+EMBEDDED_REGISTRY_KEY = "embedded-registry"
 
 
 def set_system_default_registry(config_text: str, host: str | None, origin: str = "config.yaml") -> str:
@@ -289,18 +338,25 @@ def set_system_default_registry(config_text: str, host: str | None, origin: str 
     of keys and the comments kept (a ruamel.yaml round trip).  The text is first parsed within `yamlsafe`'s
     bounds (size, depth, alias expansion), so only a document that passed them reaches ruamel.  Unchanged
     text when the key already says so."""
+    return update_config_yaml(config_text, {SDR_KEY: host}, origin)
+
+
+def update_config_yaml(config_text: str, updates: Mapping[str, object], origin: str = "config.yaml") -> str:
+    """config.yaml with each key of `updates` set to its value (None: the key removed), every other key, the
+    order of keys and the comments kept; unchanged text when the file already says so."""
     doc = load_yaml_mapping(config_text, origin)  # bounded; InputError naming `origin`
-    current = doc.get(SDR_KEY)
-    if (host is None and SDR_KEY not in doc) or (host is not None and current == host):
+    todo = {k: val for k, val in updates.items()
+            if (k in doc if val is None else not (k in doc and doc[k] == val and type(doc[k]) is type(val)))}
+    if not todo:
         return config_text
-    if not doc and host is not None:
-        # empty, or only comments (ruamel gives no document to attach the key to): append the key
+    if not doc and all(val is not None for val in todo.values()):
+        # empty, or only comments (ruamel gives no document to attach the key to): append the keys
         body = config_text if not config_text or config_text.endswith("\n") else config_text + "\n"
-        return body + _dump({SDR_KEY: _Quoted(host)})
-    return _round_trip_set(config_text, host, origin)
+        return body + _dump({k: _Quoted(val) if isinstance(val, str) else val for k, val in todo.items()})
+    return _round_trip_set(config_text, todo, origin)
 
 
-def _round_trip_set(config_text: str, host: str | None, origin: str) -> str:
+def _round_trip_set(config_text: str, updates: Mapping[str, object], origin: str) -> str:
     import io
 
     from ruamel.yaml import YAML
@@ -315,10 +371,11 @@ def _round_trip_set(config_text: str, host: str | None, origin: str) -> str:
     rt.indent(mapping=2, sequence=offset + 2, offset=offset)
     try:
         doc = rt.load(config_text)
-        if host is None:
-            del doc[SDR_KEY]
-        else:
-            doc[SDR_KEY] = DoubleQuotedScalarString(host)  # replaced in place, or appended
+        for key, value in updates.items():
+            if value is None:
+                doc.pop(key, None)
+            else:  # replaced in place, or appended
+                doc[key] = DoubleQuotedScalarString(value) if isinstance(value, str) else value
         out = io.StringIO()
         rt.dump(doc, out)
     except (RuamelError, ValueError, TypeError, RecursionError) as exc:
@@ -341,7 +398,12 @@ def _sequence_offset(text: str) -> int:
 
 def default_endpoint_disabled(config_text: str, origin: str = "config.yaml") -> bool:
     """config.yaml `disable-default-registry-endpoint: true` (k3s/RKE2 February 2024 releases on)."""
-    return load_yaml_mapping(config_text, origin).get("disable-default-registry-endpoint") is True
+    return load_yaml_mapping(config_text, origin).get(DISABLE_DEFAULT_ENDPOINT_KEY) is True
+
+
+def embedded_registry_enabled(config_text: str, origin: str = "config.yaml") -> bool:
+    """config.yaml `embedded-registry: true` (the embedded registry mirror, Spegel)."""
+    return load_yaml_mapping(config_text, origin).get(EMBEDDED_REGISTRY_KEY) is True
 
 
 def system_default_registry_of(config_text: str, origin: str = "config.yaml") -> str | None:
@@ -351,5 +413,5 @@ def system_default_registry_of(config_text: str, origin: str = "config.yaml") ->
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise InputError(f"{origin}: {SDR_KEY} must be a string host[:port]")
+        raise InputError(f"{origin}: {SDR_KEY} must be a string host[:port][/path]")
     return value.strip()

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from rke2_mirror.files import read_capped
+
 from rke2_mirror import yamlsafe
 from rke2_mirror.endpoints.routing import parse_source_endpoints
 from rke2_mirror.model.errors import InputError
@@ -494,14 +496,6 @@ def parse_config(text: str | bytes, origin: str = "config.yaml", base: Path | No
 def load_config(path: Path | str) -> LoadedConfig:
     """Read (no more than MAX_CONFIG_BYTES + 1 bytes of) and parse the config at `path`."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"config {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config {path}: is a directory") from None
-    except OSError as exc:
-        raise ConfigError(f"config {path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    data = read_capped(path, MAX_CONFIG_BYTES, "config", ConfigError)
     absolute = path.absolute()
     return LoadedConfig(absolute, parse_config(data, str(path), absolute.parent))

@@ -176,12 +176,14 @@ def write_node_files(cfg: LoadedConfig, refs: Sequence[ImageRef], sets: Sequence
     if config_yaml:
         path = config_yaml
         old = _read(path) or ""
-        new = set_system_default_registry(old, target.host if c.node.system_default_registry else None, str(path))
+        # HOST/PREFIX where the version accepts a path (rancher/rke2#9404), as the registries.yaml assumes
+        sdr = NodeConfig(target, system_default_registry=c.node.system_default_registry,
+                         rke2_version=node_version(cfg, sets)).system_default_registry_value
+        new = set_system_default_registry(old, sdr, str(path))
         if new != old:
             write_atomic(path, new, files.existing_mode(path, 0o600))
             changed.append(str(path))
-            log(f"wrote {path} (system-default-registry: "
-                f"{target.host if c.node.system_default_registry else 'removed'})")
+            log(f"wrote {path} (system-default-registry: {sdr or 'removed'})")
     return changed
 
 
