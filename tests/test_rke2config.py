@@ -496,9 +496,9 @@ def test_disable_default_registry_endpoint():
 
 
 # -- RKE2 of 2025-2026: the gates of node.versions on both sides ------------------------------------------------
-from rke2_mirror.node.versions import (DISABLE_DEFAULT_ENDPOINT, EMBEDDED_REGISTRY, SDR_PATH,  # noqa: E402
+from rke2_mirror.node.versions import (DISABLE_DEFAULT_ENDPOINT, EMBEDDED_REGISTRY, SDR_PATH,
                                        accepts_sdr_path)
-from rke2_mirror.node.writer import update_config_yaml  # noqa: E402
+from rke2_mirror.node.writer import update_config_yaml
 
 
 def render_node(target: str, images=RELEASE_IMAGES, config: str = "token: t\n", **kw) -> tuple[str, list[str], dict, str]:
@@ -529,7 +529,7 @@ def test_golden_sdr_path_v1_33_10_and_rewrite_v1_33_9():
     assert doc["mirrors"]["harbor.example"] == {"endpoint": ["https://harbor.example"]}
     assert doc["mirrors"]["docker.io"]["rewrite"] == {"^rancher/(.*)$": "docker.io/rancher/$1"}
     assert any("#9404" in w and "#10822" in w for w in warnings)
-    text, warnings, doc, both = render_node(target, node_ca_file="/etc/ssl/ca.pem", rke2_version=v("v1.33.9+rke2r1"))
+    _, warnings, doc, both = render_node(target, node_ca_file="/etc/ssl/ca.pem", rke2_version=v("v1.33.9+rke2r1"))
     golden("sdr-path-refused-rewrite-v1.33.9.yaml", both)
     assert 'system-default-registry: "harbor.example"\n' in both
     assert doc["mirrors"]["harbor.example"]["rewrite"] == {"^rancher/(.*)$": "docker.io/rancher/$1"}

@@ -63,5 +63,9 @@ class Cancel:
     def exit_code(self) -> int:
         return EXIT_CODES.get(self.signum or signal.SIGINT, 130)
 
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
 
 NEVER = Cancel()  # a token nobody sets: the default where no caller gave one

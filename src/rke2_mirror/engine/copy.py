@@ -207,10 +207,7 @@ class CopyEngine:
         self._blob_pool = None
         done_list = [r for rs in results if rs for r in rs]
         stopped = next((r.error for r in done_list if r.status == "deferred"), None)
-        interrupted = None
-        if self.cancel.is_set():
-            import signal
-            interrupted = signal.Signals(self.cancel.signum or signal.SIGINT).name
+        interrupted = self.cancel.signal_name if self.cancel.is_set() else None
         return Report(done_list, time.monotonic() - t0, stopped=stopped, interrupted=interrupted)
 
     def _drain(self, tasks: Sequence[CopyTask], futures: dict[Future, int],

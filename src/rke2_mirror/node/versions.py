@@ -73,7 +73,7 @@ class Gate:
     """
 
     name: str
-    since: Mapping[int, "int | tuple[int, int]"]
+    since: Mapping[int, int | tuple[int, int]]
 
     def holds(self, v: RKE2Version) -> bool:
         if v.major != 1:
