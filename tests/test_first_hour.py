@@ -226,9 +226,10 @@ def test_verify_warns_about_an_unknown_top_level_key(tmp_path):
 def test_reading_a_release_logs_one_line(tmp_path):
     proc = cli("list", NEW, "--offline", "--lists-dir", str(REPO_LISTS), "--flavor", "core", "--flavor", "canal")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines() == [
+    assert proc.stderr.splitlines() == [  # and `list` says which flavors the release publishes
         f"rke2-mirror: rke2 {NEW}: 2 lists read from the cache in {REPO_LISTS / 'rke2' / NEW} verified against "
-        f"sha256sum-amd64.txt ({len(proc.stdout.splitlines())} images)"]
+        f"sha256sum-amd64.txt ({len(proc.stdout.splitlines())} images)",
+        f"FLAVORS published by {NEW} (amd64): core, canal, flannel, traefik, windows, all, default"]
     server = start_release_server(REPO_LISTS, {"rke2": {"stable": OLD}})
     try:
         proc = cli("list", "stable", "--arch", "amd64", "--arch", "arm64", "--release-url", server.release_url(),
@@ -236,7 +237,9 @@ def test_reading_a_release_logs_one_line(tmp_path):
     finally:
         server.stop()
     assert proc.returncode == 0, proc.stderr
-    (line,) = proc.stderr.splitlines()
+    line, *flavors = proc.stderr.splitlines()
+    assert [f.split(":")[0] for f in flavors] == [f"FLAVORS published by {OLD} (amd64)",
+                                                  f"FLAVORS published by {OLD} (arm64)"]
     assert line.startswith(f"rke2-mirror: rke2 channel stable -> {OLD}: 2 lists verified against "
                            "sha256sum-amd64.txt, sha256sum-arm64.txt (")
 

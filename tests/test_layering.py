@@ -175,6 +175,16 @@ def test_releases_do_not_import_engine_jobs_or_cli():
     assert not bad, report(bad, f"rke2_mirror/releases/ must not import {', '.join(forbidden)}")
 
 
+def test_only_the_cli_imports_jobs_and_nothing_imports_the_cli():
+    """jobs/ are the use cases on top of everything else: endpoints, node and releases never reach up into
+    them (e.g. verify --images-dir reads node tarballs through endpoints/, not through jobs/inspect)."""
+    for part in ("model", "engine", "endpoints", "node", "releases"):
+        bad = [i for i in all_imports(part) if under(i.module, "rke2_mirror.jobs", "rke2_mirror.cli")]
+        assert not bad, report(bad, f"rke2_mirror/{part}/ must not import rke2_mirror.jobs or rke2_mirror.cli")
+    bad = [i for i in all_imports("jobs") if under(i.module, "rke2_mirror.cli")]
+    assert not bad, report(bad, "rke2_mirror/jobs/ must not import rke2_mirror.cli")
+
+
 def test_the_product_never_imports_the_testkit_or_test_only_dependencies():
     forbidden = ("rke2_mirror_testkit", "rke2_mirror.testing", "cryptography", "bcrypt")
     bad = [i for i in all_imports() if under(i.module, *forbidden)]

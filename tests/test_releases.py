@@ -303,14 +303,111 @@ def test_unknown_flavor_lists_the_published_ones(server, client, cache) -> None:
     with pytest.raises(InputError) as e:
         release_images(OLD, src(server, cache), client, flavors=["cilium"])
     msg = str(e.value)
-    assert "publishes no 'cilium' image list for amd64 (rke2-images-cilium.linux-amd64.txt)" in msg
-    assert msg.endswith("flavors it publishes for amd64: all, default, canal, core, flannel, windows")
+    assert msg == (f"{OLD} publishes no rke2-images-cilium list for amd64 (rke2-images-cilium.linux-amd64.txt is "
+                   "not in sha256sum-amd64.txt); it has: core, canal, flannel, windows, all, default")
     # traefik exists in the newer release only; windows never for arm64
     assert release_images(NEW, src(server, cache), client, flavors=["traefik"]).images
-    with pytest.raises(InputError, match=r"publishes no 'traefik'"):
-        release_images(OLD, src(server, cache), client, flavors=["traefik"])
-    with pytest.raises(InputError, match=r"for arm64: all, default, canal, core, flannel$"):
+    with pytest.raises(InputError, match=r"publishes no rke2-images-traefik list for amd64 \(rke2-images-traefik"
+                                         r"\.linux-amd64\.txt is not in sha256sum-amd64\.txt\); it has"):
+        release_images(OLD, src(server, cache), client, flavors=["traefik"])  # no v1.36.0 note before v1.36.0
+    with pytest.raises(InputError, match=r"publishes no rke2-images\.windows list for arm64 .*; it has: core, canal, "
+                                         r"flannel, all, default$"):
         release_images(OLD, src(server, cache), client, arches=["arm64"], flavors=["windows"])
+
+
+V136 = "v1.36.0+rke2r1"
+V136_LISTS = {  # a v1.36.0-like release: Traefik in core, no traefik list, ingress-nginx and a flavor not in the table
+    "core": [R + "hardened-etcd:v3.5.21-k3s1-build20260101", R + "rke2-runtime:v1.36.0-rke2r1",
+             R + "mirrored-library-traefik:3.3.6"],
+    "canal": [R + "hardened-calico:v3.30.1-build20260101"],
+    "ingress-nginx": [R + "nginx-ingress-controller:v1.13.1-hardened1"],
+    "gateway-api": [R + "mirrored-envoyproxy-gateway:v1.4.0"],
+}
+
+
+def add_v136(served: Path) -> None:
+    """Serve V136: its checksum file names core, canal, ingress-nginx, gateway-api, all and default, no traefik."""
+    d = served / "rke2" / V136
+    d.mkdir(parents=True)
+    lists = {f"rke2-images-{f}.linux-amd64.txt": refs for f, refs in V136_LISTS.items()}
+    lists["rke2-images-all.linux-amd64.txt"] = [r for refs in V136_LISTS.values() for r in refs]
+    lists["rke2-images.linux-amd64.txt"] = V136_LISTS["core"] + V136_LISTS["canal"]
+    sums = []
+    for name, refs in lists.items():
+        data = ("\n".join(refs) + "\n").encode()
+        (d / name).write_bytes(data)
+        sums.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+    (d / "sha256sum-amd64.txt").write_text("".join(sums))
+
+
+V136_PUBLISHED = ["core", "canal", "ingress-nginx", "gateway-api", "all", "default"]
+V136_NO_TRAEFIK = (f"{V136} publishes no rke2-images-traefik list for amd64 (rke2-images-traefik.linux-amd64.txt is not "
+                   f"in sha256sum-amd64.txt; Traefik moved into core in v1.36.0); it has: {', '.join(V136_PUBLISHED)}")
+
+
+def test_flavors_are_read_from_the_release_checksum_file(server, client, cache, served) -> None:
+    add_v136(served)
+    everything = release_images(V136, src(server, cache), client)  # all: the release's own all list
+    assert [f.name for f in everything.files] == ["rke2-images-all.linux-amd64.txt"]
+    assert "docker.io/rancher/mirrored-library-traefik:3.3.6" in [str(r) for r in everything.images]
+    assert everything.published == (("amd64", tuple(V136_PUBLISHED)),)
+    # ingress-nginx (new in v1.36.0) and a flavor the fixed table does not know are taken from the checksum file
+    both = release_images(V136, src(server, cache), client, flavors=["ingress-nginx", "gateway-api"])
+    assert [str(r) for r in both.images] == V136_LISTS["ingress-nginx"] + V136_LISTS["gateway-api"]
+    with pytest.raises(InputError) as e:
+        release_images(V136, src(server, cache), client, flavors=["core", "traefik"])
+    assert str(e.value) == V136_NO_TRAEFIK
+    with pytest.raises(InputError) as e:  # offline: the same, from the cached checksum file
+        release_images(V136, offline_src(cache), None, flavors=["traefik"])
+    assert str(e.value) == V136_NO_TRAEFIK
+    with pytest.raises(InputError, match=r"; it has: core, .*; did you mean 'ingress-nginx'\?$"):
+        release_images(V136, src(server, cache), client, flavors=["ingres-nginx"])
+    # a v1.30-like release: traefik has its own list, ingress-nginx none
+    old = release_images(NEW, src(server, cache), client, flavors=["traefik"])
+    assert [f.name for f in old.files] == ["rke2-images-traefik.linux-amd64.txt"]
+    assert old.published == (("amd64", ("core", "canal", "flannel", "traefik", "windows", "all", "default")),)
+    with pytest.raises(InputError) as e:
+        release_images(NEW, src(server, cache), client, flavors=["ingress-nginx"])
+    assert str(e.value) == (f"{NEW} publishes no rke2-images-ingress-nginx list for amd64 (rke2-images-ingress-nginx"
+                            ".linux-amd64.txt is not in sha256sum-amd64.txt); it has: core, canal, flannel, traefik, "
+                            "windows, all, default")
+
+
+def test_cli_list_says_which_flavors_a_release_publishes(server, cache, served) -> None:
+    add_v136(served)
+    line = f"FLAVORS published by {V136} (amd64): {', '.join(V136_PUBLISHED)}"
+    res = cli("list", V136, "--flavor", "ingress-nginx", *cli_source_args(server, cache))
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.split() == V136_LISTS["ingress-nginx"]
+    assert line in res.stderr.splitlines()
+    res = cli("list", V136, "--json", "--flavor", "gateway-api", *cli_source_args(server, cache))
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["flavors"] == ["gateway-api"] and doc["flavors_published"] == {"amd64": V136_PUBLISHED}
+    assert line in res.stderr.splitlines()
+    res = cli("list", V136, "--flavor", "traefik", *cli_source_args(server, cache))
+    assert res.exit_code == 2 and res.stderr == f"rke2-mirror: error: {V136_NO_TRAEFIK}\n"
+    doc = json.loads(cli("list", NEW, "--json", "--flavor", "traefik", *cli_source_args(server, cache)).stdout)
+    assert doc["flavors_published"] == {"amd64": ["core", "canal", "flannel", "traefik", "windows", "all", "default"]}
+    # two arches: one line per set of flavors (windows is published for amd64 only)
+    res = cli("list", OLD, "--arch", "amd64", "--arch", "arm64", "--flavor", "core", *cli_source_args(server, cache))
+    assert [l for l in res.stderr.splitlines() if l.startswith("FLAVORS")] == [
+        f"FLAVORS published by {OLD} (amd64): core, canal, flannel, windows, all, default",
+        f"FLAVORS published by {OLD} (arm64): core, canal, flannel, all, default"]
+
+
+def test_flavor_names_before_any_download() -> None:
+    """Before any download a well-formed flavor is accepted unless it is clearly a typo of a known one."""
+    from rke2_mirror.releases import PRODUCTS, check_flavors
+
+    rke2 = PRODUCTS["rke2"]
+    assert check_flavors(["Ingress-Nginx", "gateway-api"]) == ("ingress-nginx", "gateway-api")
+    for fine in ("all", "traefik", "ingress-nginx", "gateway-api", "kube-vip"):
+        assert rke2.unknown_flavor(fine) is None
+    for typo, meant in (("al", "all"), ("trafik", "traefik"), ("calcio", "calico"), ("ingres-nginx", "ingress-nginx")):
+        assert rke2.unknown_flavor(typo).endswith(f"; did you mean {meant!r}?)")
+    assert rke2.unknown_flavor("al").startswith("unknown rke2 flavor 'al' (known: all, default, core, ")
+    assert PRODUCTS["k3s"].unknown_flavor("core") == "unknown k3s flavor 'core' (known: all, default)"
 
 
 def test_unknown_arch_and_bad_flavor_fail_before_any_request(server, client, cache) -> None:
@@ -425,7 +522,8 @@ def test_offline_flavor_not_cached_or_not_published(server, client, cache) -> No
     release_images(OLD, src(server, cache), client, flavors=["core"])
     with pytest.raises(InputError, match=r"rke2-images-canal\.linux-amd64\.txt of rke2 .* is not in the cache"):
         release_images(OLD, offline_src(cache), None, flavors=["canal"])
-    with pytest.raises(InputError, match=r"publishes no 'cilium'.*: all, default, canal, core, flannel, windows"):
+    with pytest.raises(InputError, match=r"publishes no rke2-images-cilium list.*: core, canal, flannel, windows, "
+                                         r"all, default$"):
         release_images(OLD, offline_src(cache), None, flavors=["cilium"])
 
 

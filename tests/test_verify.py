@@ -340,3 +340,80 @@ def test_embedded_registry_reports_what_peers_can_serve(registry, tmp_path):
     # a release without the embedded registry: nothing modelled, and said so
     proc = run_cli("verify", *args, "--json", "--rke2-version", "v1.28.5+rke2r1")
     assert json.loads(proc.stdout)["embedded_registry"] is None and "does not have it" in proc.stderr
+
+
+# -- --images-dir: a copy of a node's agent/images --------------------------------------------------------------
+def _save(registry, tmp_path: Path, out_name: str, *extra: str) -> Path:
+    lst = tmp_path / "save-images.txt"
+    lst.write_text("\n".join(SYSTEM) + "\n")
+    out = tmp_path / "saved" / out_name
+    out.parent.mkdir(exist_ok=True)
+    proc = run_cli("save", "--images", str(lst), "-o", str(out), "--source-endpoint", f"docker.io={registry.url}",
+                   *extra)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _images_dir(tmp_path: Path, *files: Path) -> Path:
+    d = tmp_path / "agent-images"
+    d.mkdir(exist_ok=True)
+    for f in files:
+        f.rename(d / f.name)
+    return d
+
+
+@pytest.mark.parametrize("sdr", [None, "harbor.example.com"])
+def test_images_dir_node_tarball_serves_every_image_without_a_registry(registry, tmp_path, sdr):
+    push_all(registry.url)
+    tarball = _save(registry, tmp_path, "rke2-images.linux-amd64.tar.zst", "--for-node",
+                    *(["--system-default-registry", sdr] if sdr else []))
+    d = _images_dir(tmp_path, tarball)
+    (d / ".hidden.tar").write_bytes(b"not read by a node")  # dot-files and other names are skipped
+    (d / "pull-list.txt").write_text("docker.io/library/busybox:1.36\n")
+    args = files(tmp_path / "node", {}, sdr=sdr)  # no registry configured
+    code, rep = verify(args, "--images-dir", str(d), "--rke2-version", "v1.30.14+rke2r1")
+    assert code == 0, rep
+    assert rep["summary"] == {"total": 3, "found": 3, "failed": 0} and rep["warnings"] == []
+    for img in rep["images"]:
+        assert img["images_file"] == tarball.name and img["attempts"] == [] and img["endpoint"] is None
+        assert img["name"].startswith(f"{sdr}/rancher/" if sdr else "docker.io/rancher/")
+    proc = run_cli("verify", *args, "--images-dir", str(d))
+    assert proc.returncode == 0 and f"in agent/images {tarball.name}" in proc.stdout
+    # without it, the same node finds nothing (upstream only: not contacted)
+    if sdr is None:
+        code, rep = verify(args)
+        assert code == 1 and rep["summary"]["found"] == 0
+
+
+def test_images_dir_oci_only_archive_hides_the_runtime_image_from_rke2s_lookup(registry, tmp_path):
+    push_all(registry.url)
+    plain = _save(registry, tmp_path, "plain.tar")  # an OCI layout, no manifest.json
+    d = _images_dir(tmp_path, plain)
+    code, rep = verify(files(tmp_path / "node", {}), "--images-dir", str(d))
+    assert code == 1
+    imgs = by_image(rep)
+    runtime = imgs[RUNTIME]
+    assert runtime["status"] == "failed" and runtime["images_file"] is None
+    assert runtime["reason"] == "upstream-not-checked" and runtime["attempts"]  # fell through to the registries
+    assert any("plain.tar" in n and "runtime lookup will not find it" in n and "OCI-only" in n
+               for n in runtime["notes"])
+    for r in SYSTEM[1:]:  # containerd imports the other images from it
+        assert imgs[r]["status"] == "found" and imgs[r]["images_file"] == "plain.tar"
+
+
+def test_images_dir_unreadable_file_is_one_warning(registry, tmp_path):
+    push_all(registry.url)
+    tarball = _save(registry, tmp_path, "rke2-images.linux-amd64.tar", "--for-node")
+    d = _images_dir(tmp_path, tarball)
+    (d / "broken.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not gzip data at all")
+    proc = run_cli("verify", *files(tmp_path / "node", {}), "--images-dir", str(d), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["summary"]["found"] == 3
+    assert len(rep["warnings"]) == 1 and "broken.tar.gz" in rep["warnings"][0]
+    assert sum("broken.tar.gz" in ln for ln in proc.stderr.splitlines()) == 1
+
+
+def test_images_dir_must_be_a_directory(tmp_path):
+    proc = run_cli("verify", *files(tmp_path, {}), "--images-dir", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "--images-dir" in proc.stderr

@@ -25,6 +25,7 @@ node_versions = LazyModule("rke2_mirror.node.versions")  # imported when a comma
 node_registries = LazyModule("rke2_mirror.node.registries")
 node_writer = LazyModule("rke2_mirror.node.writer")
 nodecheck = LazyModule("rke2_mirror.node.verify")
+node_imagesdir = LazyModule("rke2_mirror.node.imagesdir")
 node_resolver = LazyModule("rke2_mirror.node.resolver")
 
 ENV_IDENTITY_TOKEN = "RKE2_MIRROR_IDENTITY_TOKEN"
@@ -225,6 +226,7 @@ def verify_command(
     images: ImageLists,
     rke2_version: RKE2VersionOpt = None,
     node_root: Annotated[Optional[Path], typer.Option("--node-root", metavar="DIR", help="Read the files registries.yaml names (ca_file) under DIR, e.g. a copy of a node's /etc.", show_default=False)] = None,
+    images_dir: Annotated[Optional[Path], typer.Option("--images-dir", metavar="DIR", help="A copy of a node's /var/lib/rancher/rke2/agent/images: images in its tarballs count as present before any registry is asked (the runtime image only where RKE2's docker-tarball lookup finds it).", show_default=False)] = None,
     check_upstream: Annotated[bool, typer.Option("--check-upstream", help="Also contact upstream registries (docker.io, quay.io, ...) where a node would fall back to them; default: reported as failing, as on an air-gapped node.")] = False,
     jobs_n: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, metavar="N", help="Images checked at once.")] = 4,
     as_json: JsonOpt = False,
@@ -246,6 +248,8 @@ def verify_command(
     embedded = node_writer.embedded_registry_enabled(conf_text, str(config_yaml))
     if node_root is not None and not node_root.is_dir():
         raise InputError(f"--node-root {node_root}: no such directory")
+    if images_dir is not None and not images_dir.is_dir():
+        raise InputError(f"--images-dir {images_dir}: no such directory")
     if rke2_version:
         node_versions.RKE2Version.parse(rke2_version)
     local_refs, _ = local_images(images, required=True)
@@ -258,6 +262,10 @@ def verify_command(
     if len(lists.arches) > 1:
         warn(f"checking the {platform} manifests only (one node architecture at a time)")
     node_path = (lambda p: str(node_root / p.lstrip("/"))) if node_root else str
+    try:
+        local = node_imagesdir.read_images_dir(images_dir) if images_dir is not None else None
+    except OSError as exc:
+        raise InputError(f"--images-dir {images_dir}: {exc.strerror or exc}") from None
     progress = _Progress(len(refs))
     try:
         factory = functools.partial(nodecheck.default_registry_factory, strict_auth_realm=strict_auth_realm,
@@ -265,7 +273,7 @@ def verify_command(
         report = nodecheck.check_images(refs, regs, system_default_registry=sdr, rke2_version=version, platform=platform,
                               jobs=jobs_n, progress=progress.update, node_path=node_path,
                               check_upstream=check_upstream, disable_default_endpoint=no_default,
-                              embedded_registry=embedded, registry_factory=factory)
+                              embedded_registry=embedded, registry_factory=factory, images_dir=local)
     finally:
         progress.close()
     extra: list[str] = []
@@ -323,7 +331,9 @@ def render_table(report: nodecheck.VerifyReport) -> str:
     rows = []
     for c in report.images:
         found, fail = c.found, c.failure
-        if found:
+        if c.images_file is not None:
+            rows.append(("found", str(c.name), f"in agent/images {c.images_file}"))
+        elif found:
             where = found.attempt.endpoint.url + (" (default endpoint)" if found.attempt.default else "")
             if fail:
                 where += f"  [after: {fail.status}]"

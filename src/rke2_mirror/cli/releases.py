@@ -21,7 +21,7 @@ from rke2_mirror.jobs.common import SourceOptions, check_sources
 from rke2_mirror.model.reference import ImageRef
 from rke2_mirror.releases import ImageDiff, Log, Product, ReleaseImages, diff_refs, release_images
 
-__all__ = ["diff_command", "diff_document", "list_command", "list_document", "render_diff"]
+__all__ = ["diff_command", "diff_document", "flavors_lines", "list_command", "list_document", "render_diff"]
 
 ReleaseArg = Annotated[str, typer.Argument(
     metavar="RELEASE", help="A version (v1.28.9+rke2r1) or a channel (stable, latest, v1.28).")]
@@ -109,6 +109,8 @@ def list_command(
 
     Every list is verified against the release's sha256sum-<arch>.txt first."""
     (result,) = load_releases([release], lists, log=stderr_log)
+    for line in flavors_lines(result):
+        typer.echo(line, err=True)
     doc = list_document(result, lists) if json_output else None
     if not check:
         if doc is not None:
@@ -132,6 +134,16 @@ def list_command(
         raise typer.Exit(1)
 
 
+def flavors_lines(result: ReleaseImages) -> list[str]:
+    """`FLAVORS published by VERSION (ARCH): core, canal, ...`, read from the checksum file; one line per
+    set of flavors (arches publishing the same ones share it)."""
+    by_set: dict[tuple[str, ...], list[str]] = {}
+    for arch, flavors in result.published:
+        by_set.setdefault(flavors, []).append(arch)
+    return [f"FLAVORS published by {result.version} ({', '.join(arches)}): {', '.join(flavors) or '(none)'}"
+            for flavors, arches in by_set.items()]
+
+
 def list_document(result: ReleaseImages, options: ReleaseOptions) -> dict[str, Any]:
     """`list --json`: what was asked, what it resolved to, which verified lists were read, the images."""
     return {
@@ -140,6 +152,7 @@ def list_document(result: ReleaseImages, options: ReleaseOptions) -> dict[str, A
         "version": result.version,
         "arches": list(options.arches),
         "flavors": list(options.flavors),
+        "flavors_published": {arch: list(flavors) for arch, flavors in result.published},
         "lists": [{"name": f.name, "arch": f.arch, "flavor": f.flavor, "sha256": f.sha256, "images": f.count,
                    "verified_against": Product.checksum_asset(f.arch), "origin": f.origin} for f in result.files],
         "images": [str(r) for r in result.images],

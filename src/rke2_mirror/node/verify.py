@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rke2_mirror.endpoints.auth import Credentials
 from rke2_mirror.model.errors import AuthError, InputError, MirrorError, NotFound, TemporaryError, TLSError, UnreachableError
@@ -24,6 +25,9 @@ from rke2_mirror.node.registries import WILDCARD, Registries
 from rke2_mirror.node.resolver import _DOCKER_HUB_HOSTS, Attempt, Endpoint, node_image, puller_for, resolve_endpoints
 from rke2_mirror.node.versions import (DEFAULT_ENDPOINT_TLS_FIX, RUNTIME_HTTP_TOKEN_FIX, RKE2Version,
                                        has_embedded_registry, honours_wildcard)
+
+if TYPE_CHECKING:
+    from rke2_mirror.node.imagesdir import ImagesDir
 
 FOUND = "found"
 # failure reasons, in the words of the report
@@ -74,6 +78,8 @@ class ImageCheck:
     puller: str
     attempts: tuple[AttemptResult, ...]
     peer: str | None = None  # embedded registry: PEER_SHARED / PEER_LATEST / PEER_UNMIRRORED; None: not enabled
+    images_file: str | None = None  # --images-dir: the agent/images file that serves it (no registry asked)
+    local_notes: tuple[str, ...] = ()  # --images-dir: e.g. the runtime image in an OCI-only archive
 
     @property
     def found(self) -> AttemptResult | None:
@@ -81,17 +87,19 @@ class ImageCheck:
 
     @property
     def ok(self) -> bool:
-        return self.found is not None
+        return self.images_file is not None or self.found is not None
 
     @property
     def failure(self) -> AttemptResult | None:
-        """The first failure a node would hit (None when found at the first attempt)."""
+        """The first failure a node would hit (None when found at the first attempt or in agent/images)."""
+        if self.images_file is not None:
+            return None
         return None if self.ok and self.attempts[0].ok else next((a for a in self.attempts if not a.ok), None)
 
     @property
     def notes(self) -> tuple[str, ...]:
         peer = (f"{self.name}: {PEER_NOTES[self.peer].format(registry=self.name.registry)}",) if self.peer else ()
-        return tuple(dict.fromkeys([*(n for a in self.attempts for n in a.attempt.notes), *peer]))
+        return tuple(dict.fromkeys([*self.local_notes, *(n for a in self.attempts for n in a.attempt.notes), *peer]))
 
     def to_json(self) -> dict:
         found, fail = self.found, self.failure
@@ -99,12 +107,13 @@ class ImageCheck:
             "image": str(self.image),
             "name": str(self.name),
             "puller": self.puller,
-            "status": "found" if found else "failed",
+            "status": "found" if self.ok else "failed",
+            "images_file": self.images_file,
             "endpoint": found.attempt.endpoint.url if found else None,
             "digest": found.digest if found else None,
-            "reason": None if found else (fail.status if fail else None),
-            "error": None if found else (fail.message if fail else None),
-            "fix": None if found else (fail.fix if fail else None),
+            "reason": None if self.ok else (fail.status if fail else None),
+            "error": None if self.ok else (fail.message if fail else None),
+            "fix": None if self.ok else (fail.fix if fail else None),
             "attempts": [{"url": r.attempt.manifest_url, "default": r.attempt.default, "status": r.status,
                           "error": r.message or None, "fix": r.fix} for r in self.attempts],
             "notes": list(self.notes),
@@ -187,6 +196,7 @@ class NodeChecker:
     check_upstream: bool = False
     disable_default_endpoint: bool = False
     embedded_registry: bool = False
+    images_dir: ImagesDir | None = None  # --images-dir: what the node's agent/images holds
     _clients: dict = field(default_factory=dict, init=False, repr=False)
     _probes: dict = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -214,10 +224,17 @@ class NodeChecker:
         else:
             with ThreadPoolExecutor(max_workers=self.jobs) as pool:
                 results = list(pool.map(one, images))
-        return VerifyReport(tuple(results), self.system_default_registry, self.rke2_version, self.platform)
+        return VerifyReport(tuple(results), self.system_default_registry, self.rke2_version, self.platform,
+                            tuple(self.images_dir.warnings) if self.images_dir else ())
 
     def check(self, image: ImageRef) -> ImageCheck:
         puller = puller_for(image)
+        name = node_image(image, self.system_default_registry)
+        notes: tuple[str, ...] = ()
+        if self.images_dir is not None:
+            local, notes = self._in_images_dir(image, name, puller)
+            if local is not None:
+                return ImageCheck(image, name, puller, (), self._peer(name), local, notes)
         attempts = resolve_endpoints(image, self.registries, self.system_default_registry, self.rke2_version, puller,
                                      disable_default_endpoint=self.disable_default_endpoint)
         results: list[AttemptResult] = []
@@ -226,8 +243,25 @@ class NodeChecker:
             results.append(r)
             if r.ok:
                 break
-        name = node_image(image, self.system_default_registry)
-        return ImageCheck(image, name, puller, tuple(results), self._peer(name))
+        return ImageCheck(image, name, puller, tuple(results), self._peer(name), None, notes)
+
+    def _in_images_dir(self, image: ImageRef, name: ImageRef, puller: str) -> tuple[str | None, tuple[str, ...]]:
+        """The agent/images file a node takes `image` from, and notes.  The runtime image only where RKE2's
+        docker-tarball lookup finds it (the docker.io name first, then the system-default-registry one);
+        every other image under the name containerd's import gives it."""
+        d = self.images_dir
+        if puller != "rke2-runtime":
+            return d.containerd_file(name), ()
+        names = list(dict.fromkeys([image, name]))
+        found = d.runtime_file(names)
+        if found is not None:
+            return found, ()
+        oci = d.runtime_oci_only(names)
+        if oci is None:
+            return None, ()
+        return None, (f"{name}: in agent/images {oci}, but RKE2's runtime lookup will not find it there: an "
+                      "OCI-only archive (no docker manifest.json); the node pulls it from a registry instead "
+                      "(write node tarballs with `save --for-node`)",)
 
     def _peer(self, name: ImageRef) -> str | None:
         if not self.embedded_registry or not has_embedded_registry(self.rke2_version):
@@ -404,8 +438,10 @@ def check_images(images: Iterable[ImageRef], registries: Registries, *, system_d
                  jobs: int = 4, progress: Callable[[ImageCheck], None] | None = None,
                  registry_factory: RegistryFactory = default_registry_factory,
                  node_path: Callable[[str], str] = str, check_upstream: bool = False,
-                 disable_default_endpoint: bool = False, embedded_registry: bool = False) -> VerifyReport:
-    """Convenience: one NodeChecker, closed at the end."""
+                 disable_default_endpoint: bool = False, embedded_registry: bool = False,
+                 images_dir: ImagesDir | None = None) -> VerifyReport:
+    """Convenience: one NodeChecker, closed at the end.  `images_dir` (`read_images_dir`): images a node
+    finds in its agent/images count as present before any registry is asked."""
     with NodeChecker(registries, system_default_registry, rke2_version, platform, node_path, registry_factory,
-                     jobs, check_upstream, disable_default_endpoint, embedded_registry) as checker:
+                     jobs, check_upstream, disable_default_endpoint, embedded_registry, images_dir) as checker:
         return checker.check_all(list(images), progress)

@@ -31,6 +31,7 @@ from rke2_mirror.releases.products import (
     Product,
     check_arches,
     check_flavors,
+    near_flavor,
 )
 from rke2_mirror.releases.source import (
     CHANNELS_MAX_BYTES,
@@ -81,6 +82,8 @@ class ReleaseImages:
     version: str  # the version it resolved to
     images: tuple[ImageRef, ...]
     files: tuple[ListFile, ...]
+    # per arch read, the flavors whose lists its checksum file names (`Product.published_flavors`)
+    published: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -337,10 +340,16 @@ class ReleaseFetcher:
         return origin, sums
 
     def _flavor_error(self, asset: str, flavor: str, arch: str, sums: Mapping[str, str]) -> InputError:
-        flavors = self.source.spec.published_flavors(sums, arch)
+        """A flavor the release does not publish: one line naming the ones its checksum file does."""
+        spec = self.source.spec
+        flavors = spec.published_flavors(sums, arch)
+        stem = asset.removesuffix(f"-{arch}.txt").removesuffix(".linux")
+        note = spec.retired_note(flavor, self.version)
+        near = near_flavor(flavor, flavors)
         return InputError(
-            f"{self.source.product} {self.version} publishes no {flavor!r} image list for {arch} ({asset}); "
-            f"flavors it publishes for {arch}: {', '.join(flavors) or '(none)'}"
+            f"{self.version} publishes no {stem} list for {arch} ({asset} is not in {Product.checksum_asset(arch)}"
+            + (f"; {note}" if note else "") + f"); it has: {', '.join(flavors) or '(none)'}"
+            + (f"; did you mean {near!r}?" if near else "")
         )
 
     def _unnamed_error(self, asset: str, arch: str, where: str) -> InputError:
@@ -443,4 +452,5 @@ def release_images(
         count = f"{len(files)} list{'s' if len(files) != 1 else ''}"
         where = f" read from the cache in {source.cache_dir(version)}" if source.offline else ""
         log(f"{lead}: {count}{where} verified against {sums} ({len(images)} images)")
-    return ReleaseImages(source.product, release, version, images, tuple(files))
+    published = tuple((arch, tuple(spec.published_flavors(sums, arch))) for arch, sums in checksums.items())
+    return ReleaseImages(source.product, release, version, images, tuple(files), published)

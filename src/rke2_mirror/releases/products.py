@@ -52,6 +52,29 @@ def _k3s_flavor_of(asset: str, arch: str) -> str | None:
     return "all" if asset == "k3s-images.txt" else None
 
 
+def _typo_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance (insertions, deletions, substitutions, adjacent swaps)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def near_flavor(flavor: str, candidates: Iterable[str]) -> str | None:
+    """The candidate `flavor` is clearly a typo of (one edit away: `al`, `trafik`, `calcio`), else None."""
+    if flavor in candidates:
+        return None
+    near = [c for c in candidates if _typo_distance(flavor, c) <= 1]
+    return near[0] if near else None
+
+
 @dataclass(frozen=True)
 class Product:
     """Where a product publishes, and how its image list assets are named."""
@@ -61,26 +84,51 @@ class Product:
     channel_url: str
     list_asset: Callable[[str, str], str]  # (flavor, arch) -> asset name
     flavor_of: Callable[[str, str], str | None]  # (asset name, arch) -> flavor, None if not a list
-    flavors: tuple[str, ...] = ()  # the flavors its releases are known to publish (a check before any download)
+    # The flavors its releases are known to publish. What a release publishes is read from its checksum
+    # file (`published_flavors`); this table only orders them and catches typos before any download.
+    flavors: tuple[str, ...] = ()
+    open_flavors: bool = False  # a release may publish flavors not in `flavors` (rke2: ingress-nginx in v1.36.0)
+    # (flavor, first version without it, why): said when a release of that version or later lacks it
+    retired: tuple[tuple[str, tuple[int, int, int], str], ...] = ()
 
     def unknown_flavor(self, flavor: str) -> str | None:
-        """Why `flavor` is not one this product is known to publish (None when it is), naming the known ones
-        and the nearest."""
+        """Why `flavor` cannot be asked for (None when it may be): before any download, a product with open
+        flavors refuses only a clear typo of a known one; the others refuse any flavor not in the table."""
         if not self.flavors or flavor in self.flavors:
             return None
-        import difflib
+        near = near_flavor(flavor, self.flavors)
+        if self.open_flavors and near is None:
+            return None  # checked against the release's checksum file once it is read
+        if near is None:
+            import difflib
 
-        close = difflib.get_close_matches(flavor, self.flavors, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = difflib.get_close_matches(flavor, self.flavors, n=1, cutoff=0.5)
+            near = close[0] if close else None
+        hint = f"; did you mean {near!r}?" if near else ""
         return f"unknown {self.name} flavor {flavor!r} (known: {', '.join(self.flavors)}{hint})"
+
+    def retired_note(self, flavor: str, version: str) -> str | None:
+        """Why a release of `version` publishes no `flavor` list, when that is known (`retired`)."""
+        m = re.match(r"^v(\d+)\.(\d+)\.(\d+)", version)
+        if not m:
+            return None
+        have = tuple(int(n) for n in m.groups())
+        for name, since, why in self.retired:
+            if name == flavor and have >= since:
+                return why
+        return None
 
     @staticmethod
     def checksum_asset(arch: str) -> str:
         return f"sha256sum-{arch}.txt"
 
     def published_flavors(self, asset_names: Iterable[str], arch: str) -> list[str]:
+        """The flavors whose list for `arch` the checksum file names (the release's own list of flavors):
+        the known ones in table order, then any others by name, then `all` and `default`."""
         found = {f for name in asset_names if (f := self.flavor_of(name, arch)) is not None}
-        return sorted(found, key=lambda f: (f not in ("all", "default"), f))
+        order = [f for f in self.flavors if f not in ("all", "default")]
+        return sorted(found, key=lambda f: (f in ("all", "default"), order.index(f) if f in order else len(order),
+                                            f != "all", f))
 
 
 PRODUCTS: Mapping[str, Product] = {
@@ -90,8 +138,11 @@ PRODUCTS: Mapping[str, Product] = {
         "https://update.rke2.io/v1-release/channels",
         _rke2_asset,
         _rke2_flavor_of,
-        ("all", "default", "core", "canal", "calico", "cilium", "flannel", "multus", "harvester", "traefik",
-         "vsphere", "ingress-nginx", "windows"),
+        ("all", "default", "core", "canal", "calico", "cilium", "flannel", "ingress-nginx", "multus", "harvester",
+         "traefik", "vsphere", "windows"),
+        open_flavors=True,
+        # v1.36.0: Traefik is in rke2-images-core, rke2-images-traefik is gone, ingress-nginx has its own list
+        retired=(("traefik", (1, 36, 0), "Traefik moved into core in v1.36.0"),),
     ),
     "k3s": Product(
         "k3s",
