@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from rke2_mirror import yamlsafe
 from rke2_mirror.endpoints.auth import ENV_PASSWORD, ENV_USERNAME, Credentials
 from rke2_mirror.cli.base import app, load_releases, read_image_file, run_command
 from rke2_mirror.cli.options import IMAGE_LISTS, RELEASE_LISTS, ImageLists, ReleaseOptions, StrictAuthRealmOpt, options
@@ -45,6 +44,8 @@ def warn(message: str) -> None:
 def read_text(path: Path, what: str, missing_ok: bool = False) -> str:
     """A node file's text (registries.yaml, config.yaml), reading no more than `yamlsafe.MAX_BYTES`: too
     large, not UTF-8 or unreadable is one InputError naming it (and the line, where known)."""
+    from rke2_mirror import yamlsafe  # here: yaml costs start-up time every other command would pay
+
     try:
         return yamlsafe.read_text(path)
     except FileNotFoundError:
