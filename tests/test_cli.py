@@ -372,7 +372,7 @@ def test_write_atomic_exact_mode_parents_bytes_and_replacing_a_symlink(tmp_path)
     victim.write_text("precious\n")
     link = tmp_path / "link.yaml"
     link.symlink_to(victim)
-    files.write_atomic(link, "y: 1\n", 0o600, exclusive=True, fsync=False)  # the old keywords still work
+    files.write_atomic(link, "y: 1\n", 0o600)
     assert victim.read_text() == "precious\n" and not link.is_symlink() and link.read_text() == "y: 1\n"
 
 

@@ -18,8 +18,7 @@ def existing_mode(path: Path, default: int) -> int:
         return default
 
 
-def write_atomic(path: Path, text: str | bytes, mode: int = 0o644, *, exclusive: bool = True,
-                 parents: bool = False, fsync: bool = True) -> None:
+def write_atomic(path: Path, text: str | bytes, mode: int = 0o644, *, parents: bool = False) -> None:
     """Put `text` (str: UTF-8; or bytes) at `path` whole or not at all, with permission bits exactly `mode`.
 
     The temp file gets an unpredictable name in the target's directory (`.NAME.<random>.tmp`, never
@@ -29,9 +28,7 @@ def write_atomic(path: Path, text: str | bytes, mode: int = 0o644, *, exclusive:
     widens it: files holding credentials stay 0600), write, fsync, rename over `path` (a symlink at
     `path` is replaced, not followed), fsync the directory.  `parents`: create missing directories.
 
-    Any failure is one InputError, "cannot write PATH: ...", and no temp file is left.
-    `exclusive` and `fsync` are accepted for older callers: both are always on now."""
-    del exclusive, fsync  # always: a fresh O_EXCL temp file, and on disk before the rename
+    Any failure is one InputError, "cannot write PATH: ...", and no temp file is left."""
     path = Path(path)
     directory = path.parent
     tmp: str | None = None

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from rke2_mirror.endpoints.auth import Credentials, lookup_credentials
 from rke2_mirror.engine.copy import CopyEngine, CopyOptions, CopyTask, Locator, Progress, Report
+from rke2_mirror.engine.protocols import counts_pulls as source_counts_pulls
 from rke2_mirror.files import read_capped
 from rke2_mirror.model.errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
 from rke2_mirror.endpoints.harbor import Harbor, project_of
-from rke2_mirror.model.reference import DOCKER_HUB_API, ImageRef, RegistryURL, parse_image_lines
+from rke2_mirror.model.reference import ImageRef, RegistryURL, parse_image_lines
 from rke2_mirror.endpoints.registry import Registry
 from rke2_mirror.engine.cancel import Cancel
 from rke2_mirror.engine.retry import RetryPolicy
@@ -211,8 +212,9 @@ def check_sources(refs: Sequence[ImageRef], source: SourceOptions, *, jobs: int 
 
 
 def counts_pulls(router: SourceRouter, refs: Sequence[ImageRef]) -> bool:
-    """Does any image come from Docker Hub itself (where every manifest GET counts as a pull)?"""
-    return any(router.endpoint_url(r).host == DOCKER_HUB_API for r in refs)
+    """Does any image come from a source where every manifest GET counts as a pull (Docker Hub itself)?
+    The source says so (engine.protocols.counts_pulls), the same answer the engine's dry run acts on."""
+    return any(source_counts_pulls(router.locate(r)[0]) for r in refs)
 
 
 def run_copy(tasks: Sequence[CopyTask], source: Locator, target: Locator, options: CopyOptions,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import ssl
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from rke2_mirror.files import write_atomic
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.releases.products import VERSION_RE, Product, get_product
 
@@ -255,23 +255,6 @@ def http_get(client: httpx.Client, url: str, limit: int = MAX_DOWNLOAD_BYTES, wh
 # --------------------------------------------------------------------------- the cache
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def read_capped(path: Path, limit: int, what: str) -> bytes:
     """A cached file's bytes, reading no more than `limit` + 1 of them: larger is an InputError naming the
     file and the cap.  OSError (FileNotFoundError, ...) as `open` raises it."""
@@ -283,10 +266,11 @@ def read_capped(path: Path, limit: int, what: str) -> bytes:
 
 
 def cache_write(path: Path, data: bytes, log: Log) -> None:
+    """Keep a verified file in the lists cache; a cache that cannot be written is only a warning."""
     try:
-        _write_atomic(path, data)
-    except OSError as exc:
-        log(f"warning: could not cache {path}: {exc.strerror or exc}")
+        write_atomic(path, data, 0o644, parents=True)
+    except InputError as exc:  # "cannot write PATH: reason"
+        log(f"warning: not cached: {exc}")
 
 
 def cached_versions(source: ReleaseSource) -> list[str]:

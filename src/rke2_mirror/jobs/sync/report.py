@@ -154,9 +154,9 @@ class SyncResult:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """A sync output: directories made as needed, on disk before the rename; the temp file
-    (`.NAME.tmpPID`) never matches *.prom, so node-exporter never reads half a textfile."""
-    files.write_atomic(path, text, mode, parents=True, fsync=True)
+    """A sync output: directories made as needed (files.write_atomic: on disk before the rename; its temp
+    name never matches *.prom, so node-exporter never reads half a textfile)."""
+    files.write_atomic(path, text, mode, parents=True)
 
 
 _PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
