@@ -83,7 +83,7 @@ def test_list_jobs_and_load_arch_say_what_they_do_there():
     (["mirror", "--to", "h", "--max-rps", "0"],
      "--max-rps 0: less than 0.1, the least accepted (see 'rke2-mirror mirror -h')"),
     (["list", "stable", "--product", "k4s"],
-     "--product: 'k4s' is not one of 'rke2', 'k3s' (see 'rke2-mirror list -h')"),
+     "--product: 'k4s' is not one of 'rke2', 'k3s', 'rancher' (see 'rke2-mirror list -h')"),
     (["list"], "missing argument RELEASE (see 'rke2-mirror list -h')"),
     (["mirror", "--images", "x"], "missing option --to TARGET (see 'rke2-mirror mirror -h')"),
     (["verify", "--bogus"], "no such option --bogus (see 'rke2-mirror verify -h')"),

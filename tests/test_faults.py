@@ -495,22 +495,28 @@ def test_platform_check_of_a_single_platform_image_retries_its_config_read(sourc
     verify(dst.url, images, GOOD[3:4])
 
 
-def test_signature_lookup_failure_does_not_fail_the_copied_image(registry_factory, proxies, tmp_path):
+def test_a_signature_that_cannot_be_read_fails_its_image_before_the_tag(registry_factory, proxies, tmp_path):
+    """Referrers go after their subject and before its tag: when the signature can't be read, the image
+    fails (named), its tag is not written, and a rerun without the fault completes it."""
     from rke2_mirror_testkit.images import push_signature
 
     src, dst = registry_factory(name="src"), registry_factory(name="dst")
     with ImagePusher(src.url) as p:
         img = push_image(p, "rancher/signed", "v1", seed="signed", platforms=None, layer_sizes=(10_000,))
-        push_signature(p, "rancher/signed", img.digest)
-    sp = proxies(src.url, Plan([Fault("status", status=503, method="HEAD", target="manifest", match=r"\.sig$",
+        sig_digest = push_signature(p, "rancher/signed", img.digest)
+    sp = proxies(src.url, Plan([Fault("status", status=503, method="GET", target="manifest", match=r"\.sig$",
                                       always=True, transient=False)]))
     lst = write_list(tmp_path / "images.txt", ["docker.io/rancher/signed:v1"])
     proc = run_cli(*mirror_args(lst, dst.url, sp.url, "--signatures", "--retries", "2", "--json"), timeout=60)
-    assert assert_complete(dst.url, "rancher/signed", "v1") == img.digest  # the image is in place ...
-    res = by_source(proc.stdout)
-    assert res["docker.io/rancher/signed:v1"]["status"] == "copied", res  # ... and reported so
+    assert sp.snapshot()["http-503"] >= 1  # the fault fired
+    res = by_source(proc.stdout)["docker.io/rancher/signed:v1"]
+    assert proc.returncode == 1 and res["status"] == "failed" and ".sig" in res["error"], res
+    assert "v1" not in list_tags(dst.url, "rancher/signed")  # no tag on an image whose signature is missing
+    proc = run_cli(*mirror_args(lst, dst.url, src.url, "--signatures", "--json"), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert assert_complete(dst.url, "rancher/signed", "v1") == img.digest
     sig = img.digest.replace(":", "-") + ".sig"
-    assert res[f"docker.io/rancher/signed:{sig}"]["status"] == "failed"  # the signature is what failed
+    assert assert_complete(dst.url, "rancher/signed", sig) == sig_digest
 
 
 # --------------------------------------------------------------------------- stalls

@@ -178,13 +178,21 @@ def test_signatures_copied_when_asked(seeded, registry_factory, tmp_path):
     lst = write_list(tmp_path / "images.txt", ["rancher/hardened-etcd:v3.5.9"])
     dst = registry_factory(name="dst")
     base = ("mirror", "--images", str(lst), "--source-endpoint", f"docker.io={src.url}")
-    assert run_cli(*base, "--to", dst.url + "/nosig").returncode == 0
+    assert run_cli(*base, "--to", dst.url + "/nosig", "--no-referrers").returncode == 0
     sig_tag = etcd.digest.replace(":", "-") + ".sig"
     assert sig_tag not in list_tags(dst.url, "nosig/rancher/hardened-etcd")
     proc = run_cli(*base, "--to", dst.url, "--signatures", "--json")
     assert proc.returncode == 0, proc.stderr
     assert assert_complete(dst.url, "rancher/hardened-etcd", sig_tag) == sig
-    assert any(i["source"].endswith(sig_tag) and i["status"] == "copied" for i in report(proc)["images"])
+    (img,) = report(proc)["images"]
+    assert img["referrers"] == [{"subject": etcd.digest, "digest": sig, "artifactType": "", "kind": "signature",
+                                 "size": img["referrers"][0]["size"], "tag": sig_tag, "status": "copied"}]
+    # the default carries it too, into an image already in place (nosig/ has the image, not its signature)
+    proc = run_cli(*base, "--to", dst.url + "/nosig", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (img,) = report(proc)["images"]
+    assert img["status"] == "skipped" and img["referrers"][0]["status"] == "copied"
+    assert assert_complete(dst.url, "nosig/rancher/hardened-etcd", sig_tag) == sig
 
 
 def test_missing_image_fails_alone_and_failed_list_reads_back(seeded, registry_factory, tmp_path):

@@ -204,7 +204,7 @@ releases:
      "config.yaml:5: releases[0]: name at least one of 'channels'"),
     (GOOD.replace("channels: [stable]", "channels: [stable]\n    arches: [x86]"), "config.yaml:6: releases[0].arches:"),
     (GOOD.replace("channels: [stable]", "product: rke3\n    channels: [stable]"),
-     "config.yaml:5: releases[0].product: unknown product 'rke3' (known: rke2, k3s)"),
+     "config.yaml:5: releases[0].product: unknown product 'rke3' (known: rke2, k3s, rancher)"),
     (GOOD + "target:\n  url: x\n", "config.yaml:6: duplicate key 'target'"),
     (GOOD + "outputs:\n  textfile: /tmp/rke2_mirror.txt\n", "config.yaml:7: outputs.textfile: '/tmp/rke2_mirror.txt': the "
      "node-exporter textfile collector reads only files ending in .prom"),
@@ -404,20 +404,22 @@ def test_dry_run_writes_nothing(source, releases, registry_factory, tmp_path):
     assert not writes(dst.access_log()) and not (tmp_path / "out").exists() and not (tmp_path / "node").exists()
 
 
-def test_split_report_counts_shared_images_for_each_release_and_signatures_with_their_image():
+def test_split_report_counts_shared_images_for_each_release_with_their_referrers():
     from rke2_mirror.engine.copy import ImageResult, Report
 
     a, b, c, d = (ImageRef.parse(f"rancher/{n}:1") for n in "abcd")
     sets = [job.ImageSet("rke2 stable", (a, b), "rke2", "stable", NEW), job.ImageSet("images x.txt", (b, c, d), file="x.txt")]
-    sig = ImageResult(str(b.with_tag("sha256-" + "1" * 64 + ".sig")), "t", "copied", bytes=5, note="signature")
+    sig = {"subject": "sha256:" + "1" * 64, "digest": "sha256:" + "2" * 64, "artifactType": "", "kind": "signature",
+           "size": 5, "tag": "sha256-" + "1" * 64 + ".sig", "status": "copied"}
     report = Report([ImageResult(str(a), "t", "copied", bytes=10, seconds=1.0),
-                     ImageResult(str(b), "t", "skipped", source_digest="sha256:" + "1" * 64, seconds=0.5),
-                     ImageResult(str(c), "t", "failed", error="boom"), sig])  # d: another shard's
+                     ImageResult(str(b), "t", "skipped", source_digest="sha256:" + "1" * 64, seconds=0.5, bytes=5,
+                                 referrers=[sig]),
+                     ImageResult(str(c), "t", "failed", error="boom")])  # d: another shard's
     stable, extra = job.split_report(report, sets)
-    assert stable["summary"] == {"total": 3, "copied": 2, "skipped": 1, "failed": 0, "deferred": 0, "bytes": 15,
+    assert stable["summary"] == {"total": 2, "copied": 1, "skipped": 1, "failed": 0, "deferred": 0, "bytes": 15,
                                  "seconds": 1.5, "in_release": 2}
-    assert stable["copied"] == [str(a), sig.source] and stable["skipped"] == [str(b)] and stable["deferred"] == []
-    assert extra["summary"]["total"] == 3 and extra["summary"]["in_release"] == 3
+    assert stable["copied"] == [str(a)] and stable["skipped"] == [str(b)] and stable["deferred"] == []
+    assert extra["summary"]["total"] == 2 and extra["summary"]["in_release"] == 3
     assert extra["failed"] == [{"source": str(c), "error": "boom"}] and extra["file"] == "x.txt"
     assert stable["version"] == NEW and "file" not in stable and "version" not in extra
 

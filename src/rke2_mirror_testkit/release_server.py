@@ -11,6 +11,9 @@ Layout served, built from a directory in the ``lists/`` layout (``<root>/<produc
 Files are read when they are requested, so a test can tamper with the directory while the server runs.
 Only loopback addresses are used, on a free port.
 
+A Rancher release (``<root>/rancher/<version>/``) is written by `write_rancher_release` with the asset names
+and formats rancher/rancher's release workflow publishes; serve it at ``server.release_url("rancher")``.
+
     server = start_release_server("lists", channels={"rke2": {"stable": "v1.30.14+rke2r1"}})
     server.release_url("rke2")   # http://127.0.0.1:PORT/rke2/releases/download
     server.channel_url("rke2")   # http://127.0.0.1:PORT/rke2/v1-release/channels
@@ -36,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-__all__ = ["ReleaseServer", "RequestRecord", "start_release_server"]
+__all__ = ["ReleaseServer", "RequestRecord", "start_release_server", "write_rancher_release"]
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,63 @@ class ReleaseServer:
 
 def _not_found() -> tuple[int, dict[str, str], bytes]:
     return 404, {"Content-Type": "text/plain; charset=utf-8"}, b"Not Found\n"
+
+
+def write_rancher_release(
+    lists_root: Path | str,
+    version: str,
+    images: list[str],
+    *,
+    windows_images: list[str] = (),  # type: ignore[assignment]
+    digests: Mapping[str, str] | None = None,
+    registry: str = "docker.io",
+    digests_layout: str = "by-os",
+) -> Path:
+    """Write `version` of Rancher under ``<lists_root>/rancher/<version>/`` as rancher/rancher publishes it
+    (.github/workflows/release.yml, scripts/artifacts-list.sh, scripts/artifacts-hashes.sh):
+
+    - ``rancher-images.txt`` / ``rancher-windows-images.txt``: one ``repo:tag`` per line, and beside them
+      ``rancher-images-sources.txt`` and ``rancher-components.txt``, all named in ``sha256sum.txt``
+      (``<hex> <name>``, one space, as artifacts-hashes.sh writes it);
+    - with `digests` (``{image as listed: "sha256:..."}``, an empty digest for an image the registry did not
+      have): ``rancher-images-digests-linux.txt`` / ``-windows.txt`` (``digests_layout="by-os"``, releases
+      since July 2025) or ``rancher-images-digests-linux-amd64.txt`` / ``-linux-arm64.txt`` /
+      ``-windows-ltsc2022.txt`` (``"per-arch"``, before), lines ``<registry>/<image> <digest>`` sorted, as
+      rancher/ecm-distro-tools writes them, named in ``images-digests-sha256sum.txt``.
+
+    Returns the release's directory.  Tests tamper with the files afterwards as they need."""
+    d = Path(lists_root) / "rancher" / version
+    d.mkdir(parents=True, exist_ok=True)
+    files = {
+        "rancher-images.txt": "".join(f"{i}\n" for i in images),
+        "rancher-windows-images.txt": "".join(f"{i}\n" for i in windows_images),
+        "rancher-images-sources.txt": "".join(f"{i} rancherImages\n" for i in images),
+        "rancher-components.txt": f"# Images with -rc\nrancher {version}\n",
+    }
+    for name, text in files.items():
+        (d / name).write_text(text)
+    _write_sums(d / "sha256sum.txt", d, sorted(files))
+    if digests is not None:
+        def lines(refs: list[str]) -> str:
+            return "".join(f"{registry}/{i} {digests.get(i, '')}\n" for i in sorted(refs) if i in digests)
+
+        if digests_layout == "by-os":
+            named = {"rancher-images-digests-linux.txt": lines(images),
+                     "rancher-images-digests-windows.txt": lines(list(windows_images))}
+        elif digests_layout == "per-arch":
+            named = {"rancher-images-digests-linux-amd64.txt": lines(images),
+                     "rancher-images-digests-linux-arm64.txt": lines(images),
+                     "rancher-images-digests-windows-ltsc2022.txt": lines(list(windows_images))}
+        else:
+            raise ValueError(f"digests_layout {digests_layout!r}: by-os or per-arch")
+        for name, text in named.items():
+            (d / name).write_text(text)
+        _write_sums(d / "images-digests-sha256sum.txt", d, list(named))
+    return d
+
+
+def _write_sums(path: Path, directory: Path, names: list[str]) -> None:
+    path.write_text("".join(f"{hashlib.sha256((directory / n).read_bytes()).hexdigest()} {n}\n" for n in names))
 
 
 def start_release_server(

@@ -11,7 +11,7 @@ import typer
 
 from rke2_mirror.cli.base import (CliProgress, app, copy_options, finish, gather_images, load_releases, read_image_file,
                                   release_http_client, run_command)
-from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, RELEASE_CHECKSUMS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE,
+from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, REFERRERS, RELEASE_CHECKSUMS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE,
                                      TARGET_TLS, CopyTuning,
                                      ImageLists, JsonOpt, PlatformOpt, PublicProjectsOpt, ReleaseOptions, ReportOutput, ToOpt,
                                      options, parse_platforms)
@@ -21,6 +21,7 @@ from rke2_mirror.jobs.common import SourceOptions, TLSOptions
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.model.oci import Platform
 from rke2_mirror.model.reference import RegistryURL
+from rke2_mirror.model.referrers import ReferrerFilter
 from rke2_mirror.model.units import human
 from rke2_mirror.releases import KNOWN_ARCHES
 
@@ -68,6 +69,10 @@ def _print_inspect(doc: dict) -> None:
         if "size_in_archive" in im:
             size += f" ({human(im['size_in_archive'])} here)"
         rows.append((im["reference"], im["digest"][:19], kind, ", ".join(im["platforms"]), size))
+        for r in im.get("referrers", ()):
+            what = r["kind"] if r["kind"] != "other" else (r["artifactType"] or "artifact")
+            rows.append(("  ↳ " + (f"{what} (tag {r['tag']})" if r.get("tag") else what), r["digest"][:19], "referrer",
+                         r["artifactType"] or "-", human(r["size"])))
     if rows:
         widths = [max(len(r[i]) for r in rows + [("IMAGE", "DIGEST", "KIND", "PLATFORMS", "SIZE")]) for i in range(4)]
         echo("")
@@ -126,7 +131,8 @@ NameOpt = Annotated[Optional[str], typer.Option("--name", metavar="REPOSITORY[:T
 
 @app.command("save")
 @run_command
-@options(images=IMAGE_LISTS, source=SOURCE, lists=RELEASE_LISTS, tuning=COPY_TUNING, out=REPORT_OUTPUT)
+@options(images=IMAGE_LISTS, source=SOURCE, lists=RELEASE_LISTS, tuning=COPY_TUNING, referrers=REFERRERS,
+         out=REPORT_OUTPUT)
 def save_command(
     *,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE.tar",
@@ -146,7 +152,7 @@ def save_command(
         help="Where blobs are collected (default FILE.tar.work beside the output). A rerun resumes there.")] = None,
     keep_work_dir: Annotated[bool, typer.Option("--keep-work-dir", help="Keep the work dir after success.")] = False,
     source: SourceOptions,
-    signatures: Annotated[bool, typer.Option("--signatures", help="Also save cosign-style signature tags (sha256-<hex>.sig).")] = False,
+    referrers: ReferrerFilter | None,
     for_node: Annotated[bool, typer.Option(
         "--for-node",
         help="Write a tarball for RKE2's agent/images (rke2-images.linux-amd64.tar.zst): one platform (--platform, "
@@ -168,22 +174,25 @@ def save_command(
         node = None
         if for_node:
             platform, lists = node_platform(platform, lists)
-            if signatures:
-                raise InputError("--signatures does not go with --for-node (a node tarball holds images only)")
+            if referrers is not None and not referrers.everything:
+                raise InputError("--referrer-type/--signatures do not go with --for-node (a node tarball holds "
+                                 "images only)")
+            referrers = None
             node = save_job.ForNode(Platform.parse(platform[0]),
                                     save_job.parse_system_default_registry(system_default_registry)
                                     if system_default_registry else None)
         elif system_default_registry:
             raise InputError("--system-default-registry goes with --for-node")
-        opts = copy_options(tuning, cancel, platform=platform, signatures=signatures)
+        opts = copy_options(tuning, cancel, platform=platform, referrers=referrers)
         split_bytes = tarfiles.parse_size(split) if split else None
-        refs = gather_images(images, lists)
+        published: dict = {}  # digests the releases publish (rancher): each copy is checked against them
+        refs = gather_images(images, lists, digests=published)
         since_spec = resolve_since(since, lists) if since else None
         progress = CliProgress()
         try:
             res = save_job.save(refs, output, source=source, options=opts, split=split_bytes, since=since_spec,
                                 work_dir=work_dir, keep_work_dir=keep_work_dir, progress=progress, log=stderr_log,
-                                for_node=node)
+                                for_node=node, expect_digests=published)
         finally:
             progress.close()
         if res.files:
@@ -203,7 +212,7 @@ def save_command(
 
 @app.command("load")
 @run_command
-@options(lists=RELEASE_CHECKSUMS, tls=TARGET_TLS, tuning=COPY_TUNING, out=REPORT_OUTPUT)
+@options(lists=RELEASE_CHECKSUMS, tls=TARGET_TLS, tuning=COPY_TUNING, referrers=REFERRERS, out=REPORT_OUTPUT)
 def load_command(
     *,
     file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive (or its first part, FILE.tar.part001), "
@@ -223,6 +232,7 @@ def load_command(
     platform: PlatformOpt = [],  # noqa: B006 - typer's default
     name: NameOpt = None,
     public_projects: PublicProjectsOpt = False,
+    referrers: ReferrerFilter | None,
     mount_from: Annotated[list[str], typer.Option(
         "--mount-from", metavar="PROJECT",
         help="Delta archives: also mount left-out blobs from the target's repositories in PROJECT (a Harbor "
@@ -237,7 +247,7 @@ def load_command(
     digests)."""
     target = RegistryURL.parse(to, what="--to")
     with interrupts() as cancel:
-        opts = copy_options(tuning, cancel, platform=platform)
+        opts = copy_options(tuning, cancel, platform=platform, referrers=referrers)
         if release:
             with release_http_client() as client:
                 checksums.verify_release_file(file, release, lists.source(), lists.arches if lists.arch_given else (),

@@ -29,6 +29,7 @@ from rke2_mirror.files import write_atomic
 from rke2_mirror.jobs.common import IMAGE_LIST_MAX_BYTES, image_list_text, read_image_list
 from rke2_mirror.model.errors import InputError, MirrorError
 from rke2_mirror.model.reference import ImageRef, merge_refs, parse_image_lines
+from rke2_mirror.model.referrers import ReferrerFilter
 from rke2_mirror.model.units import human as human_bytes
 from rke2_mirror.releases import Log, ReleaseImages, ReleaseSource, release_images
 
@@ -138,11 +139,11 @@ class CliProgress(Progress):
                 bar.close()
 
 
-def copy_options(tuning: CopyTuning, cancel: Cancel | None, *, platform: Sequence[str] = (), signatures: bool = False,
-                 dry_run: bool = False) -> CopyOptions:
+def copy_options(tuning: CopyTuning, cancel: Cancel | None, *, platform: Sequence[str] = (),
+                 referrers: ReferrerFilter | None = None, dry_run: bool = False) -> CopyOptions:
     """The engine's options from a command's copy tuning, --platform, ...; `cancel` is the run's token
     (`signals.interrupts`): a signal stops the engine through it."""
-    return CopyOptions(platforms=parse_platforms(platform), signatures=signatures, jobs=tuning.jobs,
+    return CopyOptions(platforms=parse_platforms(platform), referrers=referrers, jobs=tuning.jobs,
                        blob_jobs=max(4, tuning.jobs * 2), dry_run=dry_run,
                        retry=RetryPolicy(attempts=tuning.retries, timeout=tuning.timeout), cancel=cancel)
 
@@ -236,19 +237,27 @@ def load_releases(releases: Sequence[str], options: ReleaseOptions, client: http
 
 
 def collect_images(images_files: Sequence[Path], releases: Sequence[str], options: ReleaseOptions,
-                   client: httpx.Client | None = None, log: Log = stderr_log) -> list[ImageRef]:
+                   client: httpx.Client | None = None, log: Log = stderr_log,
+                   digests: dict[ImageRef, str] | None = None) -> list[ImageRef]:
     """Every image of the `--images` files, then of the `--release`s, with duplicates removed in stable order.
-    An InputError (exit 2) if neither is given, or on a bad file, release or list."""
+    An InputError (exit 2) if neither is given, or on a bad file, release or list.  `digests`, when given,
+    gets the digests the releases publish for their images (rancher), for the copy to check."""
     if not images_files and not releases:
         raise InputError("no images given: use --images FILE and/or --release RELEASE")
     lists = [read_image_file(Path(p)) for p in images_files]
-    lists += [list(r.images) for r in load_releases(releases, options, client, log)]
+    for r in load_releases(releases, options, client, log):
+        lists.append(list(r.images))
+        if digests is not None:
+            digests.update(r.digests)
     return merge_refs(*lists)
 
 
-def gather_images(images: ImageLists, lists: ReleaseOptions | None = None) -> list[ImageRef]:
-    """--images files merged with --release lists (verified against their checksum files); never empty."""
-    refs = collect_images(images.files, images.releases, lists or ReleaseOptions(), log=stderr_log)
+def gather_images(images: ImageLists, lists: ReleaseOptions | None = None,
+                  digests: dict[ImageRef, str] | None = None) -> list[ImageRef]:
+    """--images files merged with --release lists (verified against their checksum files); never empty.
+    `digests` gets the digests the releases publish (see `collect_images`)."""
+    refs = collect_images(images.files, images.releases, lists or ReleaseOptions(), log=stderr_log,
+                          digests=digests)
     if not refs:
         raise InputError("no images: the lists given are empty")
     return refs

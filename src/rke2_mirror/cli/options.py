@@ -34,6 +34,7 @@ from rke2_mirror.endpoints.routing import parse_source_endpoints
 from rke2_mirror.jobs.common import SOURCE_TLS_FLAGS, SourceOptions, TLSOptions
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.model.oci import Platform
+from rke2_mirror.model.referrers import ReferrerFilter
 from rke2_mirror.releases import (DEFAULT_ARCHES, DEFAULT_FLAVORS, ENV_CHANNEL_URL, ENV_RELEASE_URL, ReleaseSource,
                                   check_arches, check_flavors)
 
@@ -167,6 +168,7 @@ PANEL = "Release image lists"
 class ProductChoice(StrEnum):
     rke2 = "rke2"
     k3s = "k3s"
+    rancher = "rancher"
 
 
 ReleaseOpt = Annotated[Optional[list[str]], typer.Option(
@@ -178,24 +180,25 @@ ImagesOpt = Annotated[Optional[list[Path]], typer.Option(
     "--images", "-i", metavar="FILE",
     help="An image list file: one reference per line, '#' comments. Repeatable; '-' reads stdin.",
     show_default=False)]
-ProductOpt = Annotated[ProductChoice, typer.Option("--product", metavar="rke2|k3s", help="Whose releases: rke2 or k3s.", rich_help_panel=PANEL)]
+ProductOpt = Annotated[ProductChoice, typer.Option("--product", metavar="rke2|k3s|rancher", help="Whose releases: rke2, k3s or rancher (versions like v2.12.3: rancher-images.txt, each copy checked against the digest the release publishes).", rich_help_panel=PANEL)]
 ArchOpt = Annotated[Optional[list[str]], typer.Option(
     "--arch", metavar="ARCH", help="amd64 (default), arm64, s390x. Repeatable; the lists are merged.",
     rich_help_panel=PANEL, show_default=False)]
 FlavorOpt = Annotated[Optional[list[str]], typer.Option(
     "--flavor", metavar="FLAVOR",
     help="all (default); default (= core + canal); core, canal, calico, cilium, flannel, multus, harvester, "
-         "traefik, vsphere, ingress-nginx; windows. Repeatable; the lists are merged.",
+         "traefik, vsphere, ingress-nginx; windows. Repeatable; the lists are merged. "
+         "rancher: all (rancher-images.txt) or windows (rancher-windows-images.txt).",
     rich_help_panel=PANEL, show_default=False)]
 ReleaseUrlOpt = Annotated[Optional[str], typer.Option(
     "--release-url", metavar="URL",
     help=f"Where release assets are downloaded from (<URL>/<version>/<asset>). Env {ENV_RELEASE_URL}; "
-         "default https://github.com/rancher/rke2/releases/download (k3s: k3s-io/k3s).",
+         "default https://github.com/rancher/rke2/releases/download (k3s: k3s-io/k3s; rancher: rancher/rancher).",
     rich_help_panel=PANEL, show_default=False)]
 ChannelUrlOpt = Annotated[Optional[str], typer.Option(
     "--channel-url", metavar="URL",
     help=f"Channel server used to resolve stable, latest, v1.28 and so on. Env {ENV_CHANNEL_URL}; "
-         "default https://update.rke2.io/v1-release/channels (k3s: update.k3s.io).",
+         "default https://update.rke2.io/v1-release/channels (k3s: update.k3s.io; rancher: none, give versions).",
     rich_help_panel=PANEL, show_default=False)]
 ListsDirOpt = Annotated[Optional[Path], typer.Option(
     "--lists-dir", metavar="DIR",
@@ -306,6 +309,28 @@ def release_lists(product: ProductOpt = ProductChoice.rke2, arch: ArchOpt = None
     return ReleaseOptions.from_cli(product, arch, flavor, release_url, channel_url, lists_dir, offline)
 
 
+ReferrersOpt = Annotated[bool, typer.Option(
+    "--referrers/--no-referrers",
+    help="Carry each image's signatures, attestations and SBOMs with it: OCI 1.1 referrers (API or tag schema) "
+         "and cosign's sha256-<hex>.sig/.att/.sbom tags.")]
+ReferrerTypeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--referrer-type", metavar="TYPE",
+    help="Carry only these referrers: signature, attestation, sbom or an artifact media type "
+         "(e.g. application/spdx+json). Repeatable.", show_default=False)]
+SignaturesOpt = Annotated[bool, typer.Option("--signatures", help="Same as --referrer-type signature.")]
+
+
+def referrer_options(referrers: ReferrersOpt = True, referrer_type: ReferrerTypeOpt = None,
+                     signatures: SignaturesOpt = False) -> ReferrerFilter | None:
+    """--referrers/--no-referrers, --referrer-type, --signatures: which referrers travel (None: none)."""
+    types = list(referrer_type or ()) + (["signature"] if signatures else [])
+    if not referrers:
+        if types:
+            raise InputError("--no-referrers does not go with --referrer-type or --signatures")
+        return None
+    return ReferrerFilter.parse(types)
+
+
 def copy_tuning(jobs: JobsOpt = 4, retries: RetriesOpt = 5, timeout: TimeoutOpt = 60.0) -> CopyTuning:
     """--jobs, --retries, --timeout."""
     return CopyTuning(jobs, retries, timeout)
@@ -325,6 +350,7 @@ RELEASE_CHECKSUMS = RELEASE_LISTS.without("flavor").with_help(
     arch="With --release: the architecture whose sha256sum-<arch>.txt FILE is checked against, amd64, arm64 "
          "or s390x (default: from the file name, e.g. linux-arm64, else amd64).")
 COPY_TUNING = OptionGroup(copy_tuning)
+REFERRERS = OptionGroup(referrer_options)
 REPORT_OUTPUT = OptionGroup(report_output)
 
 

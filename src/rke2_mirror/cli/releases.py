@@ -19,7 +19,7 @@ from rke2_mirror.cli.options import RELEASE_LISTS, SOURCE, CheckJobsOpt, Release
 from rke2_mirror.cli.util import stderr_log
 from rke2_mirror.jobs.common import SourceOptions, check_sources
 from rke2_mirror.model.reference import ImageRef
-from rke2_mirror.releases import ImageDiff, Log, Product, ReleaseImages, diff_refs, release_images
+from rke2_mirror.releases import ImageDiff, Log, ReleaseImages, diff_refs, get_product, release_images
 
 __all__ = ["diff_command", "diff_document", "flavors_lines", "list_command", "list_document", "render_diff"]
 
@@ -123,11 +123,14 @@ def list_command(
     missing = [c for c in checks if c.digest is None]
     if doc is not None:
         doc["check"] = {"present": len(checks) - len(missing), "missing": len(missing),
-                        "images": [{"image": str(c.ref), "digest": c.digest, "error": c.error} for c in checks]}
+                        "images": [{"image": str(c.ref), "digest": c.digest, "error": c.error,
+                                    **({"referrers": c.referrers} if c.referrers else {})} for c in checks]}
         typer.echo(json.dumps(doc, indent=2))
     else:
         for c in checks:
-            typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else ""))
+            signed = ", ".join(f"{n} {k}" for k, n in sorted((c.referrers or {}).items()))
+            typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else "")
+                       + (f"  [{signed}]" if signed else ""))
     typer.echo(f"{result.version}: {len(checks) - len(missing)} of {len(checks)} images present at the source"
                + (f", {len(missing)} missing" if missing else ""), err=True)
     if missing:
@@ -154,8 +157,12 @@ def list_document(result: ReleaseImages, options: ReleaseOptions) -> dict[str, A
         "flavors": list(options.flavors),
         "flavors_published": {arch: list(flavors) for arch, flavors in result.published},
         "lists": [{"name": f.name, "arch": f.arch, "flavor": f.flavor, "sha256": f.sha256, "images": f.count,
-                   "verified_against": Product.checksum_asset(f.arch), "origin": f.origin} for f in result.files],
+                   "verified_against": get_product(result.product).checksum_asset(f.arch), "origin": f.origin}
+                  for f in result.files],
         "images": [str(r) for r in result.images],
+        # rancher: the top-level digest the release publishes per image (checked when copied)
+        **({"digest_files": list(result.digest_files),
+            "digests": {str(r): d for r, d in result.digests.items()}} if result.digest_files else {}),
     }
 
 

@@ -1,8 +1,10 @@
 """Credentials lookup and an httpx.Auth for Basic and Bearer-token registry challenges.
 
-Tokens are cached per scope and attached before a request is sent once the registry's challenge
-is known, so streamed request bodies never need replaying and a run fetches one token per
-repository (not one per request).
+Tokens are attached before a request is sent once the registry's challenge is known, so streamed request
+bodies never need replaying; a token is reused for every request its scopes cover, and one token request names
+a batch of the repositories the run planned (`RegistryAuth.plan`) and the mount sources seen so far, within a
+bound that keeps the token under the header size a proxy in front of the registry accepts (MAX_ACCESS_BYTES):
+a run asks a token or two per batch of repositories, not one per repository and mount source.
 
 Credentials go only where they belong: never to another host a request is redirected to (storage,
 a CDN), and to a Bearer challenge's token service (its `realm`) on another host than the registry's, or
@@ -19,14 +21,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from rke2_mirror.model.errors import AuthError, InputError, TokenError
+from rke2_mirror.model.errors import AuthError, InputError, RegistryError, TokenError
 
 ENV_USERNAME = "RKE2_MIRROR_USERNAME"
 ENV_PASSWORD = "RKE2_MIRROR_PASSWORD"
@@ -312,14 +314,91 @@ def request_scopes(request: httpx.Request, actions: str) -> tuple[str, ...]:
     return tuple(scopes)
 
 
-@dataclass
+# --------------------------------------------------------------------------- how many scopes one token request names
+#
+# A token request names more than its request's scopes (`RegistryAuth._wanted`): the repositories the run said it
+# will use next (`RegistryAuth.plan`, in batches) and, for a mount, the mount sources seen so far, so a run asks
+# about two tokens per batch of repositories (one for mounts) instead of one per repository and mount source (every
+# token request is a password check at the token service; a Harbor whose users live in LDAP binds for each).
+# Each request sends the smallest token covering it (each repository a token names costs the registry 5-10 us of
+# CPU on every request it comes with, measured on docker-registry 2.8).  Bounded, because the token comes
+# back holding every repository it names and then travels in each request's "Authorization: Bearer" header:
+# Harbor's nginx (and ingress-nginx) keep nginx's default `large_client_header_buffers 4 8k`, so a header line or a
+# request line over 8 KiB is refused (400 / 414).  A Harbor token is ~0.7 KiB plus, per repository, its access
+# entry base64-encoded: {"type":"repository","name":NAME,"actions":["push","scanner-pull","pull","delete","*"]}
+# (Harbor grants every action the user holds, whatever was asked) = ACCESS_ENTRY_BYTES + len(NAME) bytes, x4/3.
+# MAX_ACCESS_BYTES of entries make a ~4.8 KiB Harbor token (29 repositories of 20-character names), the request's
+# query ~2 KiB; a token service that makes larger tokens (a certificate chain in the JWT header) is caught by
+# MAX_TOKEN_HEADER: a longer answer is not used, and later requests name half as much.
+ACCESS_ENTRY_BYTES = 86
+MAX_ACCESS_BYTES = 3072
+MAX_TOKEN_HEADER = 7 * 1024  # "Bearer <token>", well under the 8 KiB a proxy in front of the registry accepts
+BATCH_SHARE = 0.5  # of MAX_ACCESS_BYTES for a planned batch; the rest is for mount sources
+
+Scope = tuple[str, str, str]  # (type, name, action); an opaque scope string is (scope, "", "")
+_ACTION_ORDER = {"pull": 0, "push": 1}
+
+
+def _entry_bytes(name: str) -> int:
+    return ACCESS_ENTRY_BYTES + len(name)
+
+
+def scope_groups(scopes: Iterable[str]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Scope strings ("type:name:action,action", several in one string space-separated) as
+    {(type, name): actions}, in the order given; a string of another form is kept whole, as (scope, "")."""
+    out: dict[tuple[str, str], tuple[str, ...]] = {}
+    for scope in scopes:
+        for one in scope.split(" "):
+            if not one:
+                continue
+            typ, _, rest = one.partition(":")
+            name, sep, actions = rest.rpartition(":")
+            key, acts = ((typ, name), tuple(a for a in actions.split(",") if a)) if sep and name else ((one, ""), ())
+            old = out.get(key, ())
+            out[key] = old + tuple(a for a in acts if a not in old)
+    return out
+
+
+def _triples(groups: Mapping[tuple[str, str], tuple[str, ...]]) -> frozenset[Scope]:
+    return frozenset((t, n, a) for (t, n), acts in groups.items() for a in (acts or ("",)))
+
+
+def _groups_of(scopes: frozenset[Scope]) -> dict[tuple[str, str], tuple[str, ...]]:
+    out: dict[tuple[str, str], tuple[str, ...]] = {}
+    for t, n, a in sorted(scopes):
+        out[(t, n)] = out.get((t, n), ()) + ((a,) if a else ())
+    return out
+
+
+def _render(groups: Mapping[tuple[str, str], tuple[str, ...]]) -> tuple[str, ...]:
+    out = []
+    for (t, n), acts in groups.items():
+        if not n:
+            out.append(t)
+        else:
+            acts = sorted(acts, key=lambda a: (_ACTION_ORDER.get(a, 2), a))
+            out.append(f"{t}:{n}:{','.join(acts)}")
+    return tuple(out)
+
+
+@dataclass(eq=False)
 class _Token:
     header: str
     expires: float
+    scopes: frozenset[Scope] = frozenset()  # what it was asked for (a grant can be smaller: the registry says so)
+
+    def covers(self, need: frozenset[Scope], now: float) -> bool:
+        return self.expires > now and need <= self.scopes
 
 
 class RegistryAuth(httpx.Auth):
-    """Basic and Bearer auth for one registry endpoint; thread-safe; token cache per scope set.
+    """Basic and Bearer auth for one registry endpoint; thread-safe.
+
+    A token is reused for every request the scopes it was asked for cover (a superset), the one naming the fewest
+    scopes first; a request no token covers asks for its own scopes plus, within MAX_ACCESS_BYTES, the
+    repositories planned with it (`plan`) and, for a mount, the mount sources seen so far (see `_wanted`).  A
+    401 despite a covering token asks for exactly the request's scopes (and drops the token when the registry
+    calls it invalid).
 
     `fetch` is called to get tokens: fetch(url, params, basic_credentials) -> httpx.Response.  `scheme` is
     the registry's (http or https); `strict_realm` and `log` decide what happens when a token service is where
@@ -340,14 +419,44 @@ class RegistryAuth(httpx.Auth):
         self._log = log
         self._warned: set[str] = set()
         self.challenge: Challenge | None = None
-        self._tokens: dict[tuple[str, ...], _Token] = {}
         self._lock = threading.Lock()
-        self._scope_locks: dict[tuple[str, ...], threading.Lock] = {}
+        # (type, name) -> the live tokens asked for it, newest last; _newest: any scope (for /v2/)
+        self._tokens: dict[tuple[str, str], list[_Token]] = {}
+        self._newest: _Token | None = None
+        self._fetch_locks: dict[object, threading.Lock] = {}
+        self._batch_of: dict[str, int] = {}
+        self._batches: list[tuple[str, ...]] = []
+        self._origins: dict[str, int] = {}  # mount sources seen -> how many mounts named them
+        self.max_access_bytes = MAX_ACCESS_BYTES  # 0: a token request names its request's scopes only
         self.token_fetches = 0
 
     @property
     def scheme(self) -> str | None:
         return self.challenge.scheme if self.challenge else None
+
+    def plan(self, repositories: Iterable[str]) -> None:
+        """The repositories the run will use, in the order it uses them: a token is asked for a batch of
+        them at once (each with this endpoint's actions), so the next ones need no token request of their own."""
+        limit = int(self.max_access_bytes * BATCH_SHARE)
+        batches: list[tuple[str, ...]] = []
+        cur: list[str] = []
+        cost = 0
+        seen: set[str] = set()
+        for repo in repositories:
+            if repo in seen:
+                continue
+            seen.add(repo)
+            c = _entry_bytes(repo)
+            if cur and cost + c > limit:
+                batches.append(tuple(cur))
+                cur, cost = [], 0
+            cur.append(repo)
+            cost += c
+        if cur:
+            batches.append(tuple(cur))
+        with self._lock:
+            self._batches = batches
+            self._batch_of = {r: i for i, b in enumerate(batches) for r in b}
 
     def _basic_header(self) -> str | None:
         c = self.credentials
@@ -355,25 +464,139 @@ class RegistryAuth(httpx.Auth):
             return None
         return "Basic " + base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
 
-    def _header_for(self, scopes: tuple[str, ...], force: bool = False) -> str | None:
+    # -- the token cache
+    def _cached(self, need: frozenset[Scope], key: tuple[str, str] | None) -> _Token | None:
+        now = time.monotonic()
+        with self._lock:
+            if key is None:
+                return self._newest if self._newest and self._newest.expires > now else None
+            best = None  # the covering token naming the fewest scopes (the newest of those): the least to send
+            for tok in self._tokens.get(key, ()):
+                if tok.covers(need, now) and (best is None or len(tok.scopes) <= len(best.scopes)):
+                    best = tok
+        return best
+
+    def _store(self, tok: _Token) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._newest = tok
+            for key in {(t, n) for t, n, _ in tok.scopes}:
+                live = [t for t in self._tokens.get(key, ()) if t.expires > now]
+                # a token the new one covers goes, unless it is the smallest (the one most requests send)
+                least = min((len(t.scopes) for t in live), default=0)
+                live = [t for t in live if len(t.scopes) <= least or not t.scopes <= tok.scopes]
+                live.append(tok)
+                self._tokens[key] = live
+
+    def _drop(self, tok: _Token) -> None:
+        with self._lock:
+            if self._newest is tok:
+                self._newest = None
+            for key in {(t, n) for t, n, _ in tok.scopes}:
+                live = self._tokens.get(key)
+                if live and tok in live:
+                    live.remove(tok)
+
+    def _drop_wide(self) -> None:
+        """Forget every token asked for more than one repository."""
+        with self._lock:
+            for key, live in self._tokens.items():
+                self._tokens[key] = [t for t in live if len({(ty, n) for ty, n, _ in t.scopes}) <= 1]
+
+    def _note_origin(self, repo: str) -> None:
+        with self._lock:
+            self._origins[repo] = self._origins.get(repo, 0) + 1
+
+    def _wanted(self, groups: dict[tuple[str, str], tuple[str, ...]],
+                key: tuple[str, str] | None) -> dict[tuple[str, str], tuple[str, ...]]:
+        """The scopes to ask for when no token covers `groups` (a request's, its own repository first): those,
+        then within `max_access_bytes` the rest of its planned batch, and for a mount (a request naming another
+        repository) what the newest token for the request's repository held (so a growing set replaces it) and
+        the mount sources seen, most used first.  Requests pick the smallest token that covers them
+        (`_cached`), so the mount sources travel with mounts only: every repository a token names costs the
+        registry time on each request it comes with."""
+        want = dict(groups)
+        if key is None or key[0] != "repository" or self.max_access_bytes <= 0:
+            return want
+        cost = sum(_entry_bytes(n) for (t, n) in want if t == "repository")
+        limit = self.max_access_bytes
+
+        def add(k: tuple[str, str], acts: tuple[str, ...]) -> None:
+            nonlocal cost
+            if k in want:
+                want[k] = want[k] + tuple(a for a in acts if a not in want[k])
+                return
+            c = _entry_bytes(k[1])
+            if cost + c <= limit:
+                want[k] = acts
+                cost += c
+
+        own = frozenset((key[0], key[1], a) for a in groups[key])
+        now = time.monotonic()
+        with self._lock:
+            prev = next((t for t in reversed(self._tokens.get(key, ())) if t.covers(own, now)), None)
+            batch_no = self._batch_of.get(key[1])
+            batch = self._batches[batch_no] if batch_no is not None else ()
+            origins = sorted(self._origins.items(), key=lambda kv: -kv[1])
+        mine = tuple(a for a in self.actions.split(",") if a)
+        for repo in batch:
+            add(("repository", repo), mine)
+        if len(groups) > 1:  # a mount: the sources go into a token of their own, sent with mounts only
+            if prev is not None:  # a growing set replaces the token it grows from
+                for k, acts in sorted(_groups_of(prev.scopes).items(), key=lambda kv: kv[1] == ("pull",)):
+                    add(k, acts)
+            for repo, _ in origins:
+                add(("repository", repo), ("pull",))
+        return want
+
+    def _header_for(self, scopes: tuple[str, ...], *, exact: bool = False) -> tuple[str | None, _Token | None]:
+        """(Authorization header, the token in it) for a request needing `scopes`; `exact`: a new token for
+        exactly these scopes (a 401 came back despite a token that should have done)."""
         ch = self.challenge
         if ch is None:
-            return None
+            return None, None
         if ch.scheme == "basic":
-            return self._basic_header()
+            return self._basic_header(), None
         if ch.scheme != "bearer":
-            return None
+            return None, None
+        groups = scope_groups(scopes)
+        need = _triples(groups)
+        key = next(iter(groups), None)
+        if not exact:
+            tok = self._cached(need, key)
+            if tok is not None:
+                return tok.header, tok
+        batch_no = self._batch_of.get(key[1]) if key else None
+        group = ("batch", batch_no) if batch_no is not None else ("scope", key)
         with self._lock:
-            lock = self._scope_locks.setdefault(scopes, threading.Lock())
-        with lock:
-            tok = self._tokens.get(scopes)
-            if tok and not force and tok.expires > time.monotonic():
-                return tok.header
-            tok = self._fetch_token(ch, scopes)
-            self._tokens[scopes] = tok
-            return tok.header
+            lock = self._fetch_locks.setdefault(group, threading.Lock())
+        with lock:  # one token request at a time per batch (or repository): the others wait and reuse it
+            if not exact:
+                tok = self._cached(need, key)
+                if tok is not None:
+                    return tok.header, tok
+            want = groups if exact else self._wanted(groups, key)
+            tok = self._fetch_wanted(ch, groups, want)
+            self._store(tok)
+            return tok.header, tok
 
-    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...]) -> _Token:
+    def _fetch_wanted(self, ch: Challenge, groups: dict, want: dict) -> _Token:
+        """A token for `want`; when that names more than the request's `groups` and the token service refuses
+        it or answers a token too large to send, the request's scopes alone (the credentials are then judged by
+        that answer)."""
+        if want == groups:
+            return self._fetch_token(ch, _render(want), _triples(want))
+        try:
+            tok = self._fetch_token(ch, _render(want), _triples(want))
+        except RegistryError:  # e.g. a scope the service cannot parse or refuses, a request line too long
+            self.max_access_bytes = 0
+            return self._fetch_token(ch, _render(groups), _triples(groups))
+        if len(tok.header) > MAX_TOKEN_HEADER:
+            self.max_access_bytes //= 2
+            return self._fetch_token(ch, _render(groups), _triples(groups))
+        return tok
+
+    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...], asked: frozenset[Scope] = frozenset()) -> _Token:
         realm = ch.params.get("realm")
         if not realm:
             raise AuthError(f"{self.host}: bearer challenge without a realm")
@@ -411,7 +634,7 @@ class RegistryAuth(httpx.Auth):
         except (TypeError, ValueError):
             expires_in = 60
         # refresh a little early; a token is never used past 90% of its life
-        return _Token(f"Bearer {token}", time.monotonic() + expires_in * 0.9)
+        return _Token(f"Bearer {token}", time.monotonic() + expires_in * 0.9, asked)
 
     def _check_realm(self, realm: str) -> None:
         """Before credentials go to `realm`: refuse (strict) or warn once when they do not belong there."""
@@ -439,7 +662,9 @@ class RegistryAuth(httpx.Auth):
             yield request  # a redirect to storage/CDN: never send the registry's credentials there
             return
         scopes = request_scopes(request, self.actions)
-        header = self._header_for(scopes)
+        for _typ, origin in list(scope_groups(scopes[1:])):  # a mount's source: later tokens name it up front
+            self._note_origin(origin)
+        header, used = self._header_for(scopes)
         if header:
             request.headers["Authorization"] = header
         response = yield request
@@ -456,10 +681,18 @@ class RegistryAuth(httpx.Auth):
             ch.scheme, ch.params.get("realm"), ch.params.get("service"))
         if first_time:
             self.challenge = Challenge(ch.scheme, {k: v for k, v in ch.params.items() if k != "scope"})
-        new_header = self._header_for(scopes, force=not first_time)
+        elif used is not None and ch.params.get("error") == "invalid_token":
+            self._drop(used)  # expired or revoked early: no other request is sent with it
+        new_header, _ = self._header_for(scopes, exact=not first_time)
         if not new_header or new_header == header:
             return  # nothing new to try: the 401 stands
         if request.stream is not None and not isinstance(request.stream, httpx.ByteStream):
             return  # a streamed body cannot be replayed: the caller retries the whole operation
         request.headers["Authorization"] = new_header
-        yield request
+        response = yield request
+        if (response.status_code != 401 and used is not None and ch.params.get("error") != "invalid_token"
+                and {(t, n) for t, n, _ in used.scopes} - set(scope_groups(scopes))):
+            # the token named more, and did not grant what the request's scopes alone did: this token service
+            # grants the first scope of a request only (or the like): ask for the request's scopes from now on
+            self.max_access_bytes = 0
+            self._drop_wide()

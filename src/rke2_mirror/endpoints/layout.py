@@ -31,9 +31,11 @@ from pathlib import Path
 
 from rke2_mirror.model.errors import WorkDirError, DigestMismatch, InputError, MirrorError, NotFound, UnsupportedManifest
 from rke2_mirror.engine.walk import walk
+from rke2_mirror.endpoints.referrers import store_referrers, store_tagged
 from rke2_mirror.model import jsondoc
 from rke2_mirror.model.oci import OCI_INDEX, Descriptor, check_digest, parse_manifest, sha256_digest
 from rke2_mirror.model.reference import ImageRef
+from rke2_mirror.model.referrers import fallback_tag, merged_index, parse_referrer_tag, referrer_descriptor
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -164,6 +166,12 @@ def name_entries(index: dict, name: str | None = None, origin: str = "index.json
                              f"({other.descriptor.digest}, {img.descriptor.digest})")
         seen[img.key] = img
     return list(seen.values())
+
+
+def is_referrer_entry(img: NamedImage) -> bool:
+    """An index.json entry that holds referrers (a `sha256-<hex>` tag schema index, or cosign's
+    `sha256-<hex>.sig`/`.att`/`.sbom`): carried with the image it refers to, never as an image of its own."""
+    return bool(img.ref.tag) and parse_referrer_tag(img.ref.tag) is not None
 
 
 def index_entry(key: str, media_type: str, digest: str, size: int) -> dict:
@@ -402,7 +410,29 @@ class LayoutDir:
                 self._checked.add(digest)
         if not is_digest(reference):
             self.tag(ref_key(repo, reference), media_type, digest, len(raw))
+        if b'"subject"' in raw:
+            subject = parse_manifest(media_type or None, raw).subject
+            if subject is not None:
+                self._add_referrer(repo, subject.digest, referrer_descriptor(media_type, raw, digest))
         return digest
+
+    # -- referrers: the tag schema, as index.json entries (endpoints/referrers.py) ------------
+    def _add_referrer(self, repo: str, subject: str, desc: Descriptor) -> None:
+        tag = fallback_tag(subject)
+        with self._lock:
+            try:
+                old = self.get_manifest(repo, tag)[1]
+            except NotFound:
+                old = None
+            new = merged_index(old, desc, self.location(repo, tag))
+            if new is not None:
+                self.put_manifest(repo, tag, OCI_INDEX, new)
+
+    def referrers(self, repo: str, subject: str, filt=None) -> list[Descriptor]:
+        return store_referrers(self.get_manifest, repo, subject)
+
+    def tagged_artifacts(self, repo: str, subject: str) -> list[tuple[str, str]]:
+        return store_tagged(lambda r, t: self.entry(ref_key(r, t)) is not None, repo, subject)
 
     def repository_is_new(self, repo: str) -> bool:
         return False  # existence checks are local and cheap here: always make them

@@ -38,15 +38,17 @@ from pathlib import Path
 
 from rke2_mirror.endpoints.layout import (INDEX_FILE, LAYOUT_FILE, LAYOUT_VERSION, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES,
                                           LayoutDir, NamedImage, blob_member, check_digest, dumps_json,
-                                          index_document, index_entry, is_digest, manifest_media_type, name_entries,
-                                          ref_key)
+                                          index_document, index_entry, is_digest, is_referrer_entry,
+                                          manifest_media_type, name_entries, ref_key)
+from rke2_mirror.endpoints.referrers import store_referrers, store_tagged
 from rke2_mirror.endpoints.tarfiles import (CHUNK, COMPRESSED, _file_digest, _PReadFile, _tar_end, _tar_header,
                                             _tar_pad, _tarinfo, open_tar_writer, resolve_parts, safe_member_name,
                                             tar_entries)
 from rke2_mirror.engine.walk import GraphCache
 from rke2_mirror.model.errors import WorkDirError, ArchiveError, DigestMismatch, InputError, MirrorError, NotFound, UnsupportedManifest
 from rke2_mirror.model import jsondoc
-from rke2_mirror.model.oci import Descriptor, sha256_digest
+from rke2_mirror.model.oci import OCI_INDEX, Descriptor, sha256_digest
+from rke2_mirror.model.referrers import ReferrerFilter, fallback_tag, referrers_index
 from rke2_mirror.model.reference import ImageRef
 
 DELTA_FILE = "rke2-mirror-delta.json"
@@ -103,8 +105,10 @@ class ArchiveReader:
             self.index = self._read_json(INDEX_FILE, MAX_INDEX_BYTES, required=True)
             if not isinstance(self.index, dict):
                 raise ArchiveError(f"{self.label}: index.json is not a JSON object")
-            self.images: list[NamedImage] = name_entries(self.index, name, f"{self.label}: index.json")
-            self._by_key = {img.key: img for img in self.images}
+            named = name_entries(self.index, name, f"{self.label}: index.json")
+            self._by_key = {img.key: img for img in named}
+            self.images: list[NamedImage] = [img for img in named if not is_referrer_entry(img)]
+            self.referrer_entries: list[NamedImage] = [img for img in named if is_referrer_entry(img)]
             self.delta = self._read_delta()
         except BaseException:
             self.close()
@@ -281,6 +285,12 @@ class ArchiveReader:
         raw = self._manifest_bytes(digest, what)
         return Descriptor.of_bytes(mt or manifest_media_type(raw), raw), raw
 
+    def referrers(self, repo: str, subject: str, filt=None) -> list[Descriptor]:
+        return store_referrers(self.get_manifest, repo, subject)
+
+    def tagged_artifacts(self, repo: str, subject: str) -> list[tuple[str, str]]:
+        return store_tagged(lambda r, t: ref_key(r, t) in self._by_key, repo, subject)
+
     @contextmanager
     def open_blob(self, repo: str, desc: Descriptor) -> Iterator[Iterable[bytes]]:
         m = self.blob(desc.digest)
@@ -336,20 +346,39 @@ class OutputError(InputError):
 
 
 def plan_archive(layout: LayoutDir, images: Sequence[NamedImage], *, omit: Iterable[str] = (),
-                 annotations: dict | None = None) -> ArchiveContent:
-    """Every blob the images need, once (the engine's walk), minus `omit` (a delta's left-out blobs)."""
+                 annotations: dict | None = None, referrers: ReferrerFilter | None = None) -> ArchiveContent:
+    """Every blob the images need, once (the engine's walk), minus `omit` (a delta's left-out blobs).
+
+    With `referrers`, each image's referrers found in the layout come along: cosign's tags as they are,
+    the tag schema indexes written anew with just the referrers carried (the work dir may hold more)."""
     omit = set(omit)
-    graphs = GraphCache(layout)
+    graphs = GraphCache(layout, referrers=referrers)
     blobs: dict[str, Descriptor] = {}
     omitted: dict[str, Descriptor] = {}
-    entries = []
+    entries: dict[str, dict] = {}
     for img in sorted(images, key=lambda i: i.key):
         g = graphs.graph(img.ref.name, img.descriptor.digest)
-        entries.append(index_entry(img.key, g.root.media_type, g.root.digest, g.root.size))
+        entries[img.key] = index_entry(img.key, g.root.media_type, g.root.digest, g.root.size)
         blobs.update(g.manifests)
         for d, b in g.blobs.items():
             (omitted if d in omit else blobs).setdefault(d, b)
-    return ArchiveContent(list(images), blobs, omitted, index_document(entries, annotations))
+        by_subject: dict[str, list[Descriptor]] = {}
+        for e in g.referrers:
+            assert e.graph is not None  # nothing is present at a plan's destination
+            blobs.update(e.graph.manifests)
+            if e.tag:
+                key = ref_key(img.ref.name, e.tag)
+                entries[key] = index_entry(key, e.graph.root.media_type, e.descriptor.digest, e.graph.root.size)
+            else:
+                by_subject.setdefault(e.subject, []).append(e.descriptor)
+        for subject, descs in by_subject.items():
+            raw = referrers_index(descs)
+            digest = layout.put_manifest(img.ref.name, sha256_digest(raw), OCI_INDEX, raw)
+            key = ref_key(img.ref.name, fallback_tag(subject))
+            entries[key] = index_entry(key, OCI_INDEX, digest, len(raw))
+            blobs[digest] = Descriptor(OCI_INDEX, digest, len(raw))
+    return ArchiveContent(list(images), blobs, omitted, index_document([entries[k] for k in sorted(entries)],
+                                                                      annotations))
 
 
 def write_archive(layout: LayoutDir, content: ArchiveContent, output: Path, *, split: int | None = None,

@@ -22,12 +22,14 @@ import httpx
 
 from rke2_mirror.endpoints import transport as tx
 from rke2_mirror.endpoints.auth import Credentials, RegistryAuth
+from rke2_mirror.endpoints.referrers import RegistryReferrers
 from rke2_mirror.engine.cancel import NEVER, Cancel
 from rke2_mirror.engine.retry import RetryPolicy, mark_exhausted
 from rke2_mirror.model.errors import (AuthError, TokenError, DigestMismatch, MirrorError, NotFound, RegistryError, TemporaryError,
                      TLSError, UnreachableError)
 from rke2_mirror.model.oci import ACCEPT, SCHEMA1_TYPES, Descriptor, parse_manifest, sha256_digest
 from rke2_mirror.model.reference import DOCKER_HUB_API
+from rke2_mirror.model.referrers import ReferrerFilter
 
 USER_AGENT = "rke2-mirror/0.1"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # what distribution and Harbor accept for a manifest or index
@@ -90,7 +92,7 @@ def status_error(resp: httpx.Response, what: str) -> RegistryError:
 
 
 class Registry:
-    """A v2 registry endpoint.  Thread-safe; one connection pool; tokens cached per scope.
+    """A v2 registry endpoint.  Thread-safe; one connection pool; a token reused wherever its scopes cover a request.
 
     `tls_flags` name the command-line flags that fix a TLS failure (CA file, skip verify), so errors
     can say which flag to use.  `transport` replaces the connection pool (tests inject faults there); it
@@ -120,6 +122,8 @@ class Registry:
         self.tls_flags = tls_flags
         # Docker Hub counts every manifest GET as a pull (engine.protocols.counts_pulls)
         self.manifest_gets_are_pulls = (parts.hostname or "") == DOCKER_HUB_API
+        self.max_manifest_bytes = MAX_MANIFEST_BYTES
+        self._referrers = RegistryReferrers(self)
         self.auth = RegistryAuth(credentials, actions, self._fetch_token, self.host, scheme=parts.scheme,
                                  strict_realm=strict_auth_realm, log=log)
         stack = {"retry": self.retry, "cancel": self.cancel, "limiter": limiter, "observe": on_response,
@@ -201,6 +205,11 @@ class Registry:
         sep = "@" if reference.startswith("sha256:") else ":"
         return f"{self.base_url}/{repo}{sep}{reference}"
 
+    def plan_repositories(self, repos: Iterable[str]) -> None:
+        """The repositories a run will use here, in order: tokens are then asked for batches of them
+        (auth.RegistryAuth.plan), not one per repository."""
+        self.auth.plan(repos)
+
     def ping(self) -> str | None:
         """GET /v2/ (authenticating if challenged).  Returns the auth scheme seen, if any."""
         try:
@@ -261,7 +270,18 @@ class Registry:
         want = sha256_digest(raw)
         if got and got != want:
             raise DigestMismatch(f"{what}: registry stored digest {got}, expected {want}")
+        self._referrers.after_put(repo, media_type, raw, want, resp)
         return want
+
+    # -- referrers (endpoints/referrers.py) --------------------------------------------------
+    def referrers(self, repo: str, subject: str, filt: ReferrerFilter | None = None) -> list[Descriptor]:
+        return self._referrers.referrers(repo, subject, filt)
+
+    def tagged_artifacts(self, repo: str, subject: str) -> list[tuple[str, str]]:
+        return self._referrers.tagged(repo, subject)
+
+    def referrers_possible(self, repo: str) -> bool:
+        return self._referrers.possible(repo)
 
     def has_blob(self, repo: str, desc: Descriptor) -> bool:
         """A blob HEAD: is it in `repo`?"""

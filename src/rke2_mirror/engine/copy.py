@@ -22,9 +22,10 @@ from rke2_mirror.engine.blobs import blob_subject, checked
 from rke2_mirror.engine.cancel import Cancel, Interrupted
 from rke2_mirror.engine.protocols import Locator, counts_pulls
 from rke2_mirror.engine.retry import RetryPolicy
-from rke2_mirror.engine.walk import Graph, select_platforms, walk
-from rke2_mirror.model.errors import MirrorError, NotFound
-from rke2_mirror.model.oci import Descriptor, Platform, parse_manifest
+from rke2_mirror.engine.walk import Graph, referrer_subjects, select_platforms, walk, walk_referrers
+from rke2_mirror.model.errors import DigestMismatch, MirrorError, NotFound
+from rke2_mirror.model.oci import INDEX_TYPES, Descriptor, Manifest, Platform, parse_manifest
+from rke2_mirror.model.referrers import ReferrerFilter
 from rke2_mirror.model.reference import ImageRef
 
 GRACE_SECONDS = 3.0  # after an interrupt: how long running images get to notice before they are reported
@@ -37,12 +38,16 @@ class CopyTask:
     note: str | None = None  # added to the result when the image is copied (e.g. "new digest (...)")
     note_skipped: str | None = None  # ... and when it was there already
     done: "ImageResult | None" = None  # decided before the engine ran (reported as it is)
+    # The digest the source's tag must resolve to (a digest a release publishes): another digest fails the
+    # image before anything of it is written, naming both.
+    expect_digest: str | None = None
 
 
 @dataclass(frozen=True)
 class CopyOptions:
     platforms: tuple[Platform, ...] = ()
-    signatures: bool = False
+    # Which referrers (signatures, attestations, SBOMs) travel with each image; None: none.
+    referrers: ReferrerFilter | None = None
     jobs: int = 4
     blob_jobs: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -65,6 +70,7 @@ class ImageResult:
     error: str | None = None
     note: str | None = None
     seconds: float = 0.0
+    referrers: list[dict] = field(default_factory=list)  # ReferrerEdge.to_json() + "status"
 
     def to_json(self) -> dict:
         d = {"source": self.source, "target": self.target, "digest": self.digest,
@@ -73,7 +79,12 @@ class ImageResult:
             d["source_digest"] = self.source_digest
         if self.note:
             d["note"] = self.note
+        if self.referrers:
+            d["referrers"] = self.referrers
         return d
+
+    def referrers_copied(self) -> int:
+        return sum(1 for r in self.referrers if r["status"] in ("copied", "would-copy"))
 
 
 NOT_IN_PLACE = ("failed", "missing", "deferred", "interrupted")
@@ -104,6 +115,9 @@ class Report:
                    "failed": len(self.failed), "bytes": self.bytes, "seconds": round(self.seconds, 3)}
         if any(r.status == "would-copy" for r in self.images):
             summary["would_copy"] = self.count("would-copy")
+        if any(r.referrers for r in self.images):
+            summary["referrers"] = {"found": sum(len(r.referrers) for r in self.images),
+                                    "copied": sum(r.referrers_copied() for r in self.images)}
         if self.stopped:
             summary["deferred"] = self.count("deferred")
             summary["stopped"] = self.stopped
@@ -157,6 +171,16 @@ class _Claims:
         if owner:
             st.done.set()
         return owner
+
+
+def _edges(g: Graph, status: str) -> list[dict]:
+    return [{**e.to_json(), "status": "present" if e.present else status} for e in g.referrers]
+
+
+def _check_expected(task: CopyTask, digest: str) -> None:
+    if task.expect_digest and digest != task.expect_digest:
+        raise DigestMismatch(f"{task.source} is {digest} at the source, but the release publishes "
+                             f"{task.expect_digest}: not copied")
 
 
 class CopyEngine:
@@ -258,30 +282,7 @@ class CopyEngine:
                 task.note_skipped if res.status == "skipped" else None
         res.seconds = time.monotonic() - t0
         self.progress.image_done(res)
-        out = [res]
-        if (self.opt.signatures and res.source_digest and not self.opt.platforms
-                and res.status in ("copied", "skipped") and not self.cancel.is_set()):
-            sig = self._copy_signature(task, res.source_digest)
-            if sig is not None:
-                self.progress.image_done(sig)
-                out.append(sig)
-        return out
-
-    def _copy_signature(self, task: CopyTask, digest: str) -> ImageResult | None:
-        """cosign's `sha256-<hex>.sig` tag, copied as an image of its own; its failure is its own."""
-        tag = digest.replace(":", "-") + ".sig"
-        sig_task = CopyTask(task.source.with_tag(tag), task.target.with_tag(tag))
-        res = ImageResult(str(sig_task.source), str(sig_task.target), "failed", note="signature")
-        try:
-            src, src_repo = self.source.locate(task.source)
-            if src.head_manifest(src_repo, tag) is None:
-                return None
-            self._copy_image(sig_task, res)
-        except MirrorError as exc:
-            res.error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - the image itself is copied: report, don't fail it
-            res.error = f"internal error: {exc.__class__.__name__}: {exc}"
-        return res
+        return [res]
 
     def _copy_image(self, task: CopyTask, res: ImageResult) -> None:
         src, src_repo = self.source.locate(task.source)
@@ -299,8 +300,11 @@ class CopyEngine:
                 raise NotFound(f"not found at the source ({src.location(src_repo, ref)})")
             if src_head.digest and not self.opt.platforms:
                 res.source_digest = res.digest = src_head.digest
+                _check_expected(task, src_head.digest)
                 if dst_head is not None and dst_head.digest == src_head.digest:
                     res.status = "skipped"
+                    if self.opt.referrers is not None and not heads_only:
+                        self._referrers_of_present(src, src_repo, dst, dst_repo, dst_head, res)
                     return
         if heads_only:
             res.status, res.note = "would-copy", "size not fetched"
@@ -311,6 +315,7 @@ class CopyEngine:
             raise NotFound(f"not found at the source ({src.location(src_repo, ref)})") from None
         manifest = parse_manifest(desc.media_type or None, raw)
         res.source_digest = manifest.descriptor.digest
+        _check_expected(task, res.source_digest)
         if self.opt.platforms:
             manifest = select_platforms(src, src_repo, manifest, self.opt.platforms, self.opt.retry)
             if manifest.descriptor.digest != res.source_digest:
@@ -324,15 +329,85 @@ class CopyEngine:
             present = dst_head is not None and dst_head.digest == res.digest
         if present:
             res.status = "skipped"
+            if self.opt.referrers is not None:
+                self._referrers_of_present(src, src_repo, dst, dst_repo, head if self.opt.platforms else dst_head,
+                                           res, rebuilt=manifest.descriptor.digest != res.source_digest)
             return
         fresh = self._is_new(dst, dst_repo)
         graph = walk(src, src_repo, manifest, prune=lambda child: self._has_manifest(dst, dst_repo, child, fresh))
+        if self.opt.referrers is not None:
+            walk_referrers(src, src_repo, graph, self.opt.referrers,
+                           subjects=referrer_subjects(graph, rebuilt=manifest.descriptor.digest != res.source_digest),
+                           present=self._referrer_check(dst, dst_repo, fresh))
         if self.opt.dry_run:
             res.status = "would-copy"
             res.bytes = self._bytes_to_move(dst, dst_repo, graph, fresh)
+            res.referrers = _edges(graph, "would-copy")
             return
         res.bytes = self._put(src, src_repo, dst, dst_repo, graph, dst_ref, fresh)
+        res.referrers = _edges(graph, "copied")
         res.status = "copied"
+
+    # -- referrers ---------------------------------------------------------------------------
+    def _referrer_check(self, dst, repo: str, fresh: bool):
+        """present(subject, descriptor, tag) for the walk: is that referrer findable at the destination
+        (its referrers answer, or its tag)?  Asked once per subject, and only for subjects that have some."""
+        find = getattr(dst, "referrers", None)
+        cache: dict[str, set[str]] = {}
+
+        def present(subject: str, desc: Descriptor, tag: str | None) -> bool:
+            if (id(dst), repo, desc.digest) in self._complete:
+                return True
+            if fresh:
+                return False
+            if tag is not None:
+                head = dst.head_manifest(repo, tag)
+                return head is not None and head.digest == desc.digest
+            if find is None:
+                return dst.head_manifest(repo, desc.digest) is not None
+            if subject not in cache:
+                cache[subject] = {d.digest for d in find(repo, subject)}
+            return desc.digest in cache[subject]
+        return present
+
+    def _referrers_of_present(self, src, src_repo: str, dst, dst_repo: str, head: Descriptor | None,
+                              res: ImageResult, *, rebuilt: bool = False) -> None:
+        """An image in place at the destination: carry the referrers it lacks (new signatures of an old
+        image).  Its manifests are read from the destination (a source GET may count as a pull)."""
+        if head is None or not res.digest or getattr(src, "referrers", None) is None:
+            return
+        root = Descriptor(head.media_type, res.digest, head.size)
+        graph = Graph(root, Manifest(head.media_type, b""))
+        present = self._referrer_check(dst, dst_repo, False)
+        if not rebuilt:
+            walk_referrers(src, src_repo, graph, self.opt.referrers, subjects=[res.digest], present=present)
+        possible = getattr(src, "referrers_possible", None)
+        if (head.media_type in INDEX_TYPES or not head.media_type) and (possible is None or possible(src_repo)):
+            desc, raw = dst.get_manifest(dst_repo, res.digest)
+            children = walk(dst, dst_repo, parse_manifest(desc.media_type or head.media_type or None, raw),
+                            root_digest=res.digest, prune=lambda child: True)
+            graph.pruned = children.pruned
+            walk_referrers(src, src_repo, graph, self.opt.referrers, subjects=children.pruned, present=present)
+        todo = [e for e in graph.referrers if not e.present]
+        if todo and not self.opt.dry_run:
+            res.bytes += self._copy_blobs(src, src_repo, dst, dst_repo, list(graph.blobs.values()), False)
+            self._put_referrers(dst, dst_repo, graph)
+        res.referrers = _edges(graph, "would-copy" if self.opt.dry_run else "copied")
+        if self.opt.dry_run:
+            res.bytes += self._bytes_to_move(dst, dst_repo, graph, False)
+
+    def _put_referrers(self, dst, repo: str, g: Graph) -> None:
+        """Each referrer not at the destination, after its subject: its child manifests, then itself (by
+        digest; cosign's legacy form by its tag)."""
+        for e in g.referrers:
+            if e.graph is None:
+                continue
+            for desc, m in e.graph.children:
+                self.cancel.check()
+                dst.put_manifest(repo, desc.digest, m.media_type, m.raw)
+            self.cancel.check()
+            dst.put_manifest(repo, e.tag or e.descriptor.digest, e.graph.manifest.media_type, e.graph.manifest.raw)
+            self._complete.add((id(dst), repo, e.descriptor.digest))
 
     def _is_new(self, ep, repo: str) -> bool:
         """Was the target repository unknown when this run first looked (asked once per repository)?
@@ -376,6 +451,11 @@ class CopyEngine:
             self.cancel.check()
             dst.put_manifest(dst_repo, desc.digest, m.media_type, m.raw)
             self._complete.add((id(dst), dst_repo, desc.digest))
+        if any(not e.present for e in g.referrers):
+            if any(e.subject == g.root.digest for e in g.referrers) and dst_ref != g.root.digest:
+                self.cancel.check()  # the root by digest first: its referrers go before its tag
+                dst.put_manifest(dst_repo, g.root.digest, g.manifest.media_type, g.manifest.raw)
+            self._put_referrers(dst, dst_repo, g)
         self.cancel.check()
         dst.put_manifest(dst_repo, dst_ref, g.manifest.media_type, g.manifest.raw)
         return copied

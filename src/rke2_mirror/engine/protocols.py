@@ -35,6 +35,12 @@ class Source(Protocol):
 
     def open_blob(self, repo: str, desc: Descriptor) -> AbstractContextManager[Iterable[bytes]]: ...
 
+    # Optional (looked up with getattr; a source without them has no referrers, e.g. a docker archive):
+    #   referrers(repo, subject, filt) -> list[Descriptor]: OCI 1.1 referrers of `subject` (API or tag
+    #       schema), each with its artifact_type and annotations.
+    #   tagged_artifacts(repo, subject) -> list[(tag, kind)]: cosign's legacy sha256-<hex>.sig/.att/.sbom tags.
+    #   referrers_possible(repo) -> bool: False when `repo` can hold none (no request need be made).
+
 
 @runtime_checkable
 class Destination(Protocol):
@@ -68,8 +74,17 @@ class Destination(Protocol):
         ...
 
     def put_manifest(self, repo: str, reference: str, media_type: str, raw: bytes) -> str:
-        """Store manifest bytes as they are under a digest or a tag; returns the digest."""
+        """Store manifest bytes as they are under a digest or a tag; returns the digest.  A manifest with a
+        `subject` is made findable as a referrer of it (a registry without the referrers API, a layout:
+        in the subject's tag schema index)."""
         ...
+
+    def get_manifest(self, repo: str, reference: str) -> tuple[Descriptor, bytes]:
+        """What is stored (an image in place: its child manifests, whose referrers are looked for)."""
+        ...
+
+    # Optional: referrers(repo, subject) -> list[Descriptor]: what is findable there as referrers of
+    # `subject` (else a referrer counts as present when its manifest is).
 
 
 class Locator(Protocol):

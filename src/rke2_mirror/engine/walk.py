@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from rke2_mirror.engine.blobs import read_blob
 from rke2_mirror.engine.retry import RetryPolicy
-from rke2_mirror.model.errors import MirrorError, UnsupportedManifest
+from rke2_mirror.model.errors import MirrorError, NotFound, UnsupportedManifest
 from rke2_mirror.model.oci import Descriptor, Manifest, Platform, check_digest, filter_index, parse_manifest
+from rke2_mirror.model.referrers import MAX_REFERRER_DEPTH, ReferrerFilter, kind_of
 
 MAX_DEPTH = 8  # index -> index -> ... -> manifest: real images use 1 (2 for an index of indexes)
 MAX_DESCRIPTORS = 10_000  # distinct manifests + blobs in one image (a big multi-arch image has a few hundred)
@@ -41,6 +42,13 @@ class Graph:
     children: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
     blobs: dict[str, Descriptor] = field(default_factory=dict)
     platforms: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # child manifests not descended into (complete at the target)
+    referrers: list["ReferrerEdge"] = field(default_factory=list)  # each after its subject (walk_referrers)
+
+    @property
+    def manifest_digests(self) -> list[str]:
+        """Every manifest of the image itself, pruned ones included: the subjects referrers can point at."""
+        return list(dict.fromkeys([self.root.digest, *(d.digest for d, _ in self.children), *self.pruned]))
 
     @property
     def manifests(self) -> dict[str, Descriptor]:
@@ -52,7 +60,10 @@ class Graph:
 
     @property
     def size(self) -> int:
-        return sum(d.size for d in self.manifests.values()) + sum(d.size for d in self.blobs.values())
+        """Bytes of the image's manifests and of every blob (its referrers' included), and of the referrer
+        manifests not at the destination."""
+        own = sum(d.size for d in self.manifests.values()) + sum(d.size for d in self.blobs.values())
+        return own + sum(d.size for e in self.referrers if e.graph for d in e.graph.manifests.values())
 
 
 Prune = Callable[[Descriptor], bool]
@@ -95,6 +106,7 @@ def walk(source, repo: str, root: Manifest, *, root_digest: str | None = None, p
             seen.add(check_digest(c.digest))
             count()
             if prune is not None and prune(c):
+                g.pruned.append(c.digest)
                 continue
             cdesc, craw = source.get_manifest(repo, c.digest)
             cm = parse_manifest(c.media_type or cdesc.media_type, craw)
@@ -111,6 +123,97 @@ def walk(source, repo: str, root: Manifest, *, root_digest: str | None = None, p
             if desc is not None:
                 g.children.append((desc, m))
     return g
+
+
+@dataclass
+class ReferrerEdge:
+    """A signature, attestation or SBOM of `subject` (a manifest of the image, or another referrer).
+
+    `graph` is None when the destination has it already (`present`): only its own referrers were looked
+    for.  `tag`: cosign's legacy tag form (`sha256-<hex>.sig`), written under that tag."""
+
+    subject: str
+    descriptor: Descriptor
+    kind: str
+    tag: str | None = None
+    graph: Graph | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.graph is None
+
+    def to_json(self) -> dict:
+        d = self.descriptor
+        out = {"subject": self.subject, "digest": d.digest, "artifactType": d.artifact_type or "", "kind": self.kind,
+               "size": self.graph.size if self.graph else d.size}
+        if self.tag:
+            out["tag"] = self.tag
+        return out
+
+
+PresentReferrer = Callable[[str, Descriptor, "str | None"], bool]
+
+
+def referrer_subjects(g: Graph, *, rebuilt: bool) -> list[str]:
+    """Whose referrers to carry: every manifest of the image, but not an index rebuilt for `--platform`
+    (what signed the original index does not name the rebuilt one)."""
+    subjects = g.manifest_digests
+    return subjects[1:] if rebuilt else subjects
+
+
+def walk_referrers(source, repo: str, g: Graph, filt: ReferrerFilter, *, subjects: Sequence[str] | None = None,
+                   present: PresentReferrer | None = None, max_descriptors: int = MAX_DESCRIPTORS) -> None:
+    """Add the referrers of the image's manifests (and theirs, to MAX_REFERRER_DEPTH) to `g`: each as an
+    edge after its subject, its blobs into `g.blobs`.  `present(subject, descriptor, tag)` True: the
+    destination has that referrer (it is not fetched; its own referrers are still looked for).  A source
+    that can't hold referrers (no `referrers` method: a docker archive) adds nothing."""
+    find = getattr(source, "referrers", None)
+    tagged = getattr(source, "tagged_artifacts", None)
+    if find is None:
+        return
+    seen = set(g.manifests) | set(g.pruned) | set(g.blobs) | {e.descriptor.digest for e in g.referrers}
+    queue = [(s, 0) for s in (subjects if subjects is not None else g.manifest_digests)]
+    while queue:
+        subject, depth = queue.pop(0)
+        # cosign's tags first: a registry reads the repository's tag list once for them, which then
+        # also says whether the tag schema index exists
+        legacy = tagged(repo, subject) if tagged is not None else []
+        found: list[tuple[Descriptor | None, str | None, str]] = [
+            (d, None, kind_of(d.artifact_type, d.annotations)) for d in find(repo, subject, filt)]
+        found += [(None, tag, kind) for tag, kind in legacy]
+        for desc, tag, kind in found:
+            if not filt.wants(desc.artifact_type if desc else None, kind):
+                continue
+            raw = None
+            if desc is None:  # a legacy tag: its digest is what the source's tag names
+                desc_t, raw = source.get_manifest(repo, tag)
+                desc = Descriptor(desc_t.media_type, desc_t.digest, len(raw))
+            if desc.digest in seen:
+                continue
+            seen.add(check_digest(desc.digest))
+            if len(seen) + len(g.blobs) > max_descriptors:
+                raise GraphLimit(f"image graph with its referrers has more than {max_descriptors} distinct "
+                                 "manifests and blobs: refused")
+            edge = ReferrerEdge(subject, desc, kind, tag)
+            if present is None or not present(subject, desc, tag):
+                if raw is None:
+                    try:
+                        mdesc, raw = source.get_manifest(repo, desc.digest)
+                    except NotFound:  # listed but gone (a tag schema index outlives what it lists)
+                        seen.discard(desc.digest)
+                        continue
+                m = parse_manifest(desc.media_type or None, raw)
+                if tag is None and (m.subject is None or m.subject.digest != subject):
+                    raise UnsupportedManifest(f"referrer {desc.digest} of {subject} does not name it as its subject")
+                edge.graph = walk(source, repo, m, root_digest=desc.digest, max_descriptors=max_descriptors)
+                for d, b in edge.graph.blobs.items():
+                    g.blobs.setdefault(d, b)
+                if len(seen) + len(g.blobs) > max_descriptors:
+                    raise GraphLimit(f"image graph with its referrers has more than {max_descriptors} distinct "
+                                     "manifests and blobs: refused")
+            g.referrers.append(edge)
+            if depth + 1 < MAX_REFERRER_DEPTH:
+                queue.append((desc.digest, depth + 1))
 
 
 def root_platforms(source, repo: str, m: Manifest, retry: RetryPolicy | None = None) -> list[str]:
@@ -157,12 +260,16 @@ def select_platforms(source, repo: str, m: Manifest, wanted: Sequence[Platform],
 
 
 def image_graph(source, repo: str, reference: str, platforms: Sequence[Platform] = (), *,
-                with_platforms: bool = False, retry: RetryPolicy | None = None) -> Graph:
-    """Fetch an image's root from `source` and walk it (after selecting `platforms`)."""
+                with_platforms: bool = False, retry: RetryPolicy | None = None,
+                referrers: ReferrerFilter | None = None) -> Graph:
+    """Fetch an image's root from `source` and walk it (after selecting `platforms`), with its referrers
+    when a filter is given."""
     desc, raw = source.get_manifest(repo, reference)
     m = parse_manifest(desc.media_type or None, raw)
     selected = select_platforms(source, repo, m, platforms, retry)
     g = walk(source, repo, selected, root_digest=desc.digest if selected is m else None)
+    if referrers is not None:
+        walk_referrers(source, repo, g, referrers, subjects=referrer_subjects(g, rebuilt=selected is not m))
     if with_platforms:
         g.platforms = root_platforms(source, repo, selected, retry)
     return g
@@ -172,9 +279,10 @@ class GraphCache:
     """Graphs by root digest, for callers that walk many names of one content store (an archive's
     index.json may name one root a thousand times: it is walked once)."""
 
-    def __init__(self, source, *, with_platforms: bool = False):
+    def __init__(self, source, *, with_platforms: bool = False, referrers: ReferrerFilter | None = None):
         self.source = source
         self.with_platforms = with_platforms
+        self.referrers = referrers
         self._graphs: dict[tuple[str, tuple[Platform, ...]], Graph | MirrorError] = {}
 
     def graph(self, repo: str, digest: str, platforms: Sequence[Platform] = ()) -> Graph:
@@ -182,7 +290,8 @@ class GraphCache:
         hit = self._graphs.get(key)
         if hit is None:
             try:
-                hit = image_graph(self.source, repo, digest, platforms, with_platforms=self.with_platforms)
+                hit = image_graph(self.source, repo, digest, platforms, with_platforms=self.with_platforms,
+                                  referrers=self.referrers)
             except MirrorError as exc:
                 hit = exc
             self._graphs[key] = hit

@@ -16,6 +16,7 @@ from rke2_mirror.files import read_capped
 from rke2_mirror.model.errors import AuthError, InputError, MirrorError, RegistryError, TLSError, UnreachableError
 from rke2_mirror.endpoints.harbor import Harbor, project_of
 from rke2_mirror.model.reference import ImageRef, RegistryURL, parse_image_lines
+from rke2_mirror.model.referrers import kind_of
 from rke2_mirror.endpoints.registry import Registry
 from rke2_mirror.engine.cancel import Cancel
 from rke2_mirror.engine.retry import RetryPolicy
@@ -122,6 +123,7 @@ def connect_target(target: RegistryURL, tls: TLSOptions, options, *, max_rps: fl
     try:
         check_endpoint(tgt, "target")
         ensure_harbor_projects(tgt, repos, public=public_projects, dry_run=options.dry_run, log=log)
+        tgt.plan_repositories(repos)  # tokens for batches of repositories, not one each
     except BaseException:
         tgt.close()
         raise
@@ -186,11 +188,22 @@ class SourceCheck:
     ref: ImageRef
     digest: str | None  # None: missing
     error: str | None = None
+    referrers: dict[str, int] | None = None  # kind -> how many the image's top-level manifest has
+
+
+def _referrer_kinds(reg, repo: str, digest: str) -> dict[str, int]:
+    """What signs the top-level manifest, by kind (no manifest GET: nothing counts as a pull)."""
+    out: dict[str, int] = {}
+    legacy = [k for _, k in reg.tagged_artifacts(repo, digest)]  # first: it reads the tag list once
+    for kind in legacy + [kind_of(d.artifact_type, d.annotations) for d in reg.referrers(repo, digest)]:
+        out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 def check_sources(refs: Sequence[ImageRef], source: SourceOptions, *, jobs: int = 8,
-                  retry: RetryPolicy | None = None) -> list[SourceCheck]:
-    """Ask the source for every reference with a manifest HEAD (no pull counted against rate limits)."""
+                  retry: RetryPolicy | None = None, referrers: bool = True) -> list[SourceCheck]:
+    """Ask the source for every reference with a manifest HEAD (no pull counted against rate limits), and
+    for the referrers of what the tag names (its signatures, attestations, SBOMs)."""
     from concurrent.futures import ThreadPoolExecutor
 
     router = source_router(source, jobs=jobs, retry=retry)
@@ -201,7 +214,15 @@ def check_sources(refs: Sequence[ImageRef], source: SourceOptions, *, jobs: int 
             desc = reg.head_manifest(repo, ref.reference)
         except MirrorError as exc:
             return SourceCheck(ref, None, str(exc))
-        return SourceCheck(ref, desc.digest or "?" if desc else None, None if desc else "not found at the source")
+        if desc is None:
+            return SourceCheck(ref, None, "not found at the source")
+        kinds = None
+        if referrers and desc.digest:
+            try:
+                kinds = _referrer_kinds(reg, repo, desc.digest)
+            except MirrorError as exc:
+                return SourceCheck(ref, desc.digest, f"referrers: {exc}")
+        return SourceCheck(ref, desc.digest or "?", None, kinds)
 
     try:
         check_source_endpoints(router, refs)

@@ -11,6 +11,7 @@ from rke2_mirror.endpoints.ociarchive import ArchiveReader
 from rke2_mirror.engine.walk import GraphCache, GraphLimit
 from rke2_mirror.model.errors import ArchiveError, MirrorError
 from rke2_mirror.model.oci import Descriptor
+from rke2_mirror.model.referrers import ReferrerFilter
 
 
 
@@ -61,7 +62,7 @@ def _inspect_oci(reader: ArchiveReader, *, check: bool = False,
     images = []
     referenced: dict[str, Descriptor] = {}
     problems: list[dict] = []
-    graphs = GraphCache(reader, with_platforms=True)
+    graphs = GraphCache(reader, with_platforms=True, referrers=ReferrerFilter())
     for img in reader.images:
         row = {"reference": str(img.ref), "digest": img.descriptor.digest,
                "mediaType": img.descriptor.media_type, "named_by": img.how}
@@ -69,6 +70,11 @@ def _inspect_oci(reader: ArchiveReader, *, check: bool = False,
             g = graphs.graph(img.ref.name, img.descriptor.digest)
             row.update(mediaType=g.root.media_type, platforms=g.platforms, size=g.size,
                        manifests=len(g.manifests), blobs=len(g.blobs))
+            if g.referrers:
+                row["referrers"] = [e.to_json() for e in g.referrers]
+                for e in g.referrers:
+                    if e.graph is not None:
+                        referenced.update(e.graph.manifests)
             if reader.delta:
                 row["size_in_archive"] = sum(d.size for k, d in {**g.manifests, **g.blobs}.items()
                                              if reader.blob(k) is not None)

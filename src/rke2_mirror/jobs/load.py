@@ -23,6 +23,7 @@ from rke2_mirror.engine.copy import CopyOptions, CopyTask, ImageResult, Progress
 from rke2_mirror.engine.walk import Graph, GraphCache, GraphLimit, select_platforms, walk
 from rke2_mirror.model.errors import ArchiveError, InputError, MirrorError
 from rke2_mirror.model.oci import Descriptor, Platform, parse_manifest
+from rke2_mirror.model.referrers import ReferrerFilter
 from rke2_mirror.model.reference import RegistryURL, target_ref
 
 Log = Callable[[str], None]
@@ -42,7 +43,7 @@ def load(reader: ArchiveReader | DockerArchive, target: RegistryURL, *, target_t
     tasks = [CopyTask(img.ref, target_ref(img.ref, target)) for img in reader.images]
     if not tasks:
         raise InputError(f"{reader.label}: index.json names no images")
-    graphs = plan_graphs(reader, options.platforms)
+    graphs = plan_graphs(reader, options.platforms, options.referrers)
     tgt = jobs.connect_target(target, target_tls, options, max_rps=max_rps, log=log,
                               repos=[t.target.repository for t in tasks], public_projects=public_projects)
     try:
@@ -59,10 +60,12 @@ def load(reader: ArchiveReader | DockerArchive, target: RegistryURL, *, target_t
         tgt.close()
 
 
-def plan_graphs(reader: ArchiveReader, platforms: Sequence[Platform]) -> dict[str, Graph]:
-    """Every image's graph by image key, walked once per root; a hostile graph refuses the archive (exit 2).
-    Images whose graph can't be read otherwise are left out here: the copy reports them one by one."""
-    cache = GraphCache(reader)
+def plan_graphs(reader: ArchiveReader, platforms: Sequence[Platform],
+                referrers: ReferrerFilter | None = None) -> dict[str, Graph]:
+    """Every image's graph by image key (with the referrers that travel), walked once per root; a hostile
+    graph refuses the archive (exit 2).  Images whose graph can't be read otherwise are left out here: the
+    copy reports them one by one."""
+    cache = GraphCache(reader, referrers=referrers)
     out: dict[str, Graph] = {}
     for img in reader.images:
         try:

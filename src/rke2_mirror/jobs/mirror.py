@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from rke2_mirror.endpoints.auth import Credentials
@@ -14,20 +14,24 @@ from rke2_mirror.jobs.common import (Log, ProjectsToCreate, SourceOptions, TLSOp
 from rke2_mirror.model.reference import ImageRef, RegistryURL, target_ref
 
 
-def mirror_tasks(refs: Sequence[ImageRef], target: RegistryURL) -> list[CopyTask]:
-    return [CopyTask(r, target_ref(r, target)) for r in refs]
+def mirror_tasks(refs: Sequence[ImageRef], target: RegistryURL,
+                 expect_digests: Mapping[ImageRef, str] | None = None) -> list[CopyTask]:
+    """`expect_digests`: the digest a release publishes for an image (rancher): the copy fails it otherwise."""
+    expect = expect_digests or {}
+    return [CopyTask(r, target_ref(r, target), expect_digest=expect.get(r)) for r in refs]
 
 
 def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOptions, source: SourceOptions,
            options: CopyOptions, public_projects: bool = False, progress: Progress | None = None,
            log: Log = lambda s: None, max_rps: float | None = None, pull_floor: int | None = None,
-           target_credentials: Credentials | None = None) -> Report:
+           target_credentials: Credentials | None = None,
+           expect_digests: Mapping[ImageRef, str] | None = None) -> Report:
     """Registry -> registry: the `mirror` command's job.
 
     `max_rps` caps requests per second to each registry (all workers together); `pull_floor` stops
     starting new images once a source's rate-limit headers say that few pulls are left.
     """
-    tasks = mirror_tasks(refs, target)
+    tasks = mirror_tasks(refs, target, expect_digests)
     budget = PullBudget(pull_floor or 0)
     router = source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps, budget=budget,
                            cancel=options.cancel, log=log)
@@ -40,6 +44,7 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
                                            dry_run=options.dry_run, log=log)
         if options.dry_run and counts_pulls(router, refs):
             log("dry run: Docker Hub counts manifest GETs as pulls, so only HEADs are sent and sizes are not reported")
+        tgt.plan_repositories(t.target.repository for t in tasks)  # tokens for batches of repositories
         options = replace(options, stop_check=budget.exhausted)
         dst = ProjectsToCreate(tgt, to_create) if to_create else tgt
         report = run_copy(tasks, router, TargetLocator(dst), options, progress)

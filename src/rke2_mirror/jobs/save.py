@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -175,8 +175,10 @@ def _remove_work_dir(work_dir: Path) -> None:
 def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, options: CopyOptions,
          split: int | None = None, since: Since | None = None, work_dir: Path | None = None,
          keep_work_dir: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
-         max_rps: float | None = None, for_node: ForNode | None = None) -> SaveResult:
-    """Registry -> archive: the `save` command's job."""
+         max_rps: float | None = None, for_node: ForNode | None = None,
+         expect_digests: Mapping[ImageRef, str] | None = None) -> SaveResult:
+    """Registry -> archive: the `save` command's job.  `expect_digests`: the digest a release publishes for an
+    image (rancher): the copy fails it otherwise."""
     output = Path(output)
     if output.is_dir():
         raise InputError(f"--output {output} is a directory")
@@ -192,7 +194,7 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
         if since is not None:
             raise InputError("--for-node writes every blob (containerd imports whole images): drop --since")
         compression = output_compression(output)
-        options = replace(options, platforms=(for_node.platform,))
+        options = replace(options, platforms=(for_node.platform,), referrers=None)  # a node imports images only
         sdr = for_node.system_default_registry
         if sdr and "/" in sdr:
             log(f"system-default-registry {sdr} has a path: only RKE2 releases with rancher/rke2#9404 accept "
@@ -209,7 +211,7 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
             log(f"delta against {since.label}: {len(old)} blobs of its images are left out when shared")
         with _locked(work_dir):
             layout = LayoutDir(work_dir, assume_present=old)
-            tasks = [CopyTask(r, r) for r in refs]
+            tasks = [CopyTask(r, r, expect_digest=(expect_digests or {}).get(r)) for r in refs]
             report = jobs.run_copy(tasks, router, LayoutLocator(layout),
                                    replace(options, assume_present=frozenset(old)), progress)
             if report.interrupted:  # no archive from half a run: the work dir keeps what arrived
@@ -239,7 +241,7 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
                     return result
                 content = plan.content
             else:
-                content = plan_archive(layout, images, omit=omit, annotations=annotations)
+                content = plan_archive(layout, images, omit=omit, annotations=annotations, referrers=options.referrers)
             if since is not None:
                 delta_doc = {"schemaVersion": 1, "since": since.label,
                              "omitted": [{"digest": d, "size": b.size, "repositories": sorted(old[d])}

@@ -72,6 +72,7 @@ class Descriptor:
     size: int
     platform: Platform | None = None
     annotations: dict | None = field(default=None, compare=False, hash=False)
+    artifact_type: str | None = field(default=None, compare=False, hash=False)  # a referrer's (OCI 1.1)
 
     @classmethod
     def from_json(cls, obj: dict) -> "Descriptor":
@@ -80,12 +81,14 @@ class Descriptor:
             if size < 0 or not isinstance(obj["digest"], str) or not isinstance(obj.get("mediaType", ""), str):
                 raise ValueError("size must be >= 0, digest and mediaType strings")
             annotations = obj.get("annotations")
+            at = obj.get("artifactType")
             return cls(
                 obj.get("mediaType", ""),
                 obj["digest"],
                 size,
                 Platform.from_json(obj.get("platform")),
                 annotations if isinstance(annotations, dict) else None,
+                at if isinstance(at, str) and at else None,
             )
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise UnsupportedManifest(f"malformed descriptor {_short_repr(obj)}: {exc}") from None

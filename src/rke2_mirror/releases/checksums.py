@@ -13,7 +13,6 @@ from pathlib import Path
 from rke2_mirror.endpoints.tarfiles import resolve_parts
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.releases.lists import ReleaseFetcher, resolve_version
-from rke2_mirror.releases.products import Product
 from rke2_mirror.releases.source import Log
 
 CHUNK = 1024 * 1024
@@ -51,7 +50,7 @@ def verify_release_file(path: str | os.PathLike, release: str, source, arches: S
     arch = arch_of(p, arches)
     version = resolve_version(release, source, client, log)
     origin, sums = ReleaseFetcher(source, version, client, log).checksums(arch)
-    checksum_name = Product.checksum_asset(arch)
+    checksum_name = source.spec.checksum_asset(arch)
     what = f"{source.product} {version}"
     try:
         actual = file_sha256(p)

@@ -1,5 +1,6 @@
-"""The products (rke2, k3s): where each publishes its releases and channels, how its image-list assets
-are named per flavor and arch, and the arches and flavors that can be asked for.  Pure.
+"""The products (rke2, k3s, rancher): where each publishes its releases and channels, what its versions
+look like, how its image-list assets (and the checksum files naming them) are named per flavor and arch,
+the published-digests files of its images (rancher), and the arches and flavors that can be asked for.  Pure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ DEFAULT_FLAVORS = ("all",)
 
 # A release version as products publish it: v1.28.9+rke2r1, v1.28.9+k3s1, v1.30.0-rc1+rke2r1.
 VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+(?:-[0-9A-Za-z.]+)?\+[0-9A-Za-z.]+$")
+# A Rancher version: v2.12.3, v2.13.0-rc1, v2.9.3-hotfix-2dcf.1 -- no build suffix, major 2 or later (RKE2 and
+# k3s versions are v1.x with one).
+RANCHER_VERSION_RE = re.compile(r"^v(?:[2-9]|[1-9]\d+)\.\d+\.\d+(?:-[0-9A-Za-z][0-9A-Za-z.-]*)?$")
 _FLAVOR_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _ARCH_RE = re.compile(r"^[a-z0-9]{1,16}$")
 
@@ -50,6 +54,33 @@ def _k3s_asset(flavor: str, arch: str) -> str:
 
 def _k3s_flavor_of(asset: str, arch: str) -> str | None:
     return "all" if asset == "k3s-images.txt" else None
+
+
+# Rancher (rancher/rancher's release workflow, scripts/artifacts-list.sh): `rancher-images.txt` and
+# `rancher-windows-images.txt`, for every arch, named in `sha256sum.txt` ("<hex> <name>" lines).
+_RANCHER_LISTS = {"all": "rancher-images.txt", "default": "rancher-images.txt", "windows": "rancher-windows-images.txt"}
+
+
+def _rancher_asset(flavor: str, arch: str) -> str:
+    try:
+        return _RANCHER_LISTS[flavor]
+    except KeyError:
+        raise InputError(f"rancher publishes rancher-images.txt (--flavor all) and rancher-windows-images.txt "
+                         f"(--flavor windows); --flavor {flavor} is not one of them") from None
+
+
+def _rancher_flavor_of(asset: str, arch: str) -> str | None:
+    return {"rancher-images.txt": "all", "rancher-windows-images.txt": "windows"}.get(asset)
+
+
+def _rancher_digest_assets(flavor: str, arch: str) -> tuple[str, ...]:
+    """The published-digests files for a list, newest naming first: `rancher-images-digests-linux.txt` /
+    `-windows.txt` (releases since July 2025, rancher/rancher#51039), before that one per arch
+    (`-linux-amd64.txt`, `-linux-arm64.txt`) and per Windows version (`-windows-ltsc2022.txt`, `-ltsc2019`)."""
+    if flavor == "windows":
+        return ("rancher-images-digests-windows.txt", "rancher-images-digests-windows-ltsc2022.txt",
+                "rancher-images-digests-windows-ltsc2019.txt")
+    return ("rancher-images-digests-linux.txt", f"rancher-images-digests-linux-{arch}.txt")
 
 
 def _typo_distance(a: str, b: str) -> int:
@@ -90,6 +121,18 @@ class Product:
     open_flavors: bool = False  # a release may publish flavors not in `flavors` (rke2: ingress-nginx in v1.36.0)
     # (flavor, first version without it, why): said when a release of that version or later lacks it
     retired: tuple[tuple[str, tuple[int, int, int], str], ...] = ()
+    version_re: re.Pattern[str] = VERSION_RE
+    version_example: str = "v1.28.9+rke2r1"
+    checksums: str = "sha256sum-{arch}.txt"  # the checksum file naming the lists (per arch, or one for all)
+    # (flavor, arch) -> the files that may publish the top-level digest of each image of that list, in the order
+    # they are looked for in the checksum files (`digest_checksums`, then `checksums`); None: no such files
+    digest_assets: Callable[[str, str], tuple[str, ...]] | None = None
+    digest_checksums: tuple[str, ...] = ()
+
+    @property
+    def per_arch(self) -> bool:
+        """Does each arch have its own lists and checksum file (rke2), or do all arches share them (rancher)?"""
+        return "{arch}" in self.checksums
 
     def unknown_flavor(self, flavor: str) -> str | None:
         """Why `flavor` cannot be asked for (None when it may be): before any download, a product with open
@@ -118,9 +161,8 @@ class Product:
                 return why
         return None
 
-    @staticmethod
-    def checksum_asset(arch: str) -> str:
-        return f"sha256sum-{arch}.txt"
+    def checksum_asset(self, arch: str) -> str:
+        return self.checksums.format(arch=arch)
 
     def published_flavors(self, asset_names: Iterable[str], arch: str) -> list[str]:
         """The flavors whose list for `arch` the checksum file names (the release's own list of flavors):
@@ -151,6 +193,21 @@ PRODUCTS: Mapping[str, Product] = {
         _k3s_asset,
         _k3s_flavor_of,
         ("all", "default"),
+        version_example="v1.28.9+k3s1",
+    ),
+    # No channel server: versions only (a --channel-url in the same format may be given).
+    "rancher": Product(
+        "rancher",
+        "https://github.com/rancher/rancher/releases/download",
+        "",
+        _rancher_asset,
+        _rancher_flavor_of,
+        ("all", "default", "windows"),
+        version_re=RANCHER_VERSION_RE,
+        version_example="v2.12.3",
+        checksums="sha256sum.txt",
+        digest_assets=_rancher_digest_assets,
+        digest_checksums=("images-digests-sha256sum.txt",),
     ),
 }
 

@@ -27,7 +27,7 @@ import httpx
 
 from rke2_mirror.files import write_atomic
 from rke2_mirror.model.errors import InputError
-from rke2_mirror.releases.products import VERSION_RE, Product, get_product
+from rke2_mirror.releases.products import Product, get_product
 
 Log = Callable[[str], None]
 
@@ -86,10 +86,11 @@ class ReleaseSource:
         else the product's public URLs. The lists dir defaults to the per-user cache."""
         env = os.environ if env is None else env
         spec = get_product(product)
+        channels = channel_url or env.get(ENV_CHANNEL_URL) or spec.channel_url  # rancher has none: ""
         return cls(
             product=spec.name,
             release_url=_check_url(release_url or env.get(ENV_RELEASE_URL) or spec.release_url, "--release-url"),
-            channel_url=_check_url(channel_url or env.get(ENV_CHANNEL_URL) or spec.channel_url, "--channel-url"),
+            channel_url=_check_url(channels, "--channel-url") if channels else "",
             lists_dir=Path(lists_dir) if lists_dir else default_lists_dir(env),
             offline=offline,
         )
@@ -277,5 +278,6 @@ def cached_versions(source: ReleaseSource) -> list[str]:
     root = source.lists_dir / source.product
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+    version_re = source.spec.version_re
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and version_re.match(p.name))
 

@@ -29,6 +29,7 @@ from rke2_mirror.endpoints.routing import parse_source_endpoints
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.model.oci import Platform
 from rke2_mirror.model.reference import RegistryURL
+from rke2_mirror.model.referrers import ReferrerFilter
 from rke2_mirror.node.versions import RKE2Version
 from rke2_mirror.releases.lists import parse_release
 from rke2_mirror.releases.products import DEFAULT_ARCHES, DEFAULT_FLAVORS, PRODUCTS, check_arches, check_flavors
@@ -94,6 +95,15 @@ def _check_product(v: str) -> str:
     if v not in PRODUCTS:
         raise ValueError(f"unknown product {v!r} (known: {', '.join(PRODUCTS)})")
     return v
+
+
+def referrer_filter(spec: "CopySpec") -> ReferrerFilter | None:
+    types = list(spec.referrer_types) + (["signature"] if spec.signatures else [])
+    if not spec.referrers:
+        if types:
+            raise InputError("copy.referrers: false does not go with copy.referrer_types or copy.signatures")
+        return None
+    return ReferrerFilter.parse(types)
 
 
 def _check_platforms(v: tuple[str, ...]) -> tuple[str, ...]:
@@ -190,6 +200,10 @@ class ReleaseSpec:
             return "name at least one of 'channels' (stable, latest, v1.30) or 'versions' (v1.30.14+rke2r1)"
         if self.offline and self.channels:
             return "'offline: true' reads only the lists cache: channels cannot be resolved there, pin 'versions'"
+        spec = PRODUCTS[self.product]
+        if self.channels and not spec.channel_url and not self.channel_url:
+            return (f"{self.product} has no channel server: pin 'versions' (e.g. {spec.version_example}), "
+                    "or give 'channel_url'")
         for f in self.flavors:  # a typo ('al') would otherwise surface only at the release server
             problem = PRODUCTS[self.product].unknown_flavor(f)
             if problem:
@@ -224,7 +238,9 @@ class CopySpec:
     retries: int = _opt(5, check=_range(1, 20))
     timeout: float = _opt(60.0, check=_range(1, 3600))    # seconds to wait for a registry's next bytes
     platforms: tuple[str, ...] = _opt((), check=_check_platforms)
-    signatures: bool = _opt(False)
+    referrers: bool = _opt(True)                          # signatures, attestations, SBOMs travel with images
+    referrer_types: tuple[str, ...] = _opt((), check=lambda v: ReferrerFilter.parse(v) and v)
+    signatures: bool = _opt(False)                        # = referrer_types: [signature]
     max_rps: float | None = _opt(check=_positive)       # requests/s per registry, all workers together
     pull_floor: int | None = _opt(check=_range(0))      # stop when ratelimit-remaining reaches this
 

@@ -35,6 +35,8 @@ class ImageSet:
     version: str | None = None     # what it resolved to
     lists: tuple[str, ...] = ()    # the verified list assets
     file: str | None = None
+    # the digest the release publishes per image (rancher): each copy is checked against it
+    digests: Mapping[ImageRef, str] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {"name": self.name}
@@ -59,10 +61,9 @@ def summarize(results: Sequence[ImageResult]) -> dict[str, Any]:
 
 
 def split_report(report: Report, sets: Sequence[ImageSet]) -> list[dict]:
-    """Per image set: its results (an image listed by two releases counts for both); signature tags go
-    with the image they sign."""
-    by_source = {r.source: r for r in report.images if r.note != "signature"}
-    sigs = {r.source: r for r in report.images if r.note == "signature"}
+    """Per image set: its results (an image listed by two releases counts for both; its referrers are in
+    its result)."""
+    by_source = {r.source: r for r in report.images}
     out = []
     for s in sets:
         mine: list[ImageResult] = []
@@ -71,10 +72,6 @@ def split_report(report: Report, sets: Sequence[ImageSet]) -> list[dict]:
             if res is None:
                 continue  # another shard's
             mine.append(res)
-            if sigs and res.source_digest:
-                sig = sigs.get(str(ref.with_tag(res.source_digest.replace(":", "-") + ".sig")))
-                if sig is not None:
-                    mine.append(sig)
         entry = s.to_json()
         entry["summary"] = {**summarize(mine), "seconds": round(sum(r.seconds for r in mine), 3),
                             "in_release": len(s.images)}

@@ -26,7 +26,7 @@ from rke2_mirror.endpoints.routing import parse_source_endpoints
 from rke2_mirror.engine.cancel import Cancel, Interrupted
 from rke2_mirror.engine.copy import CopyOptions, ImageResult, Progress, Report
 from rke2_mirror.engine.retry import RetryPolicy
-from rke2_mirror.jobs.sync.config import LoadedConfig, SyncConfig, load_config, shard_path
+from rke2_mirror.jobs.sync.config import LoadedConfig, SyncConfig, load_config, referrer_filter, shard_path
 from rke2_mirror.jobs.sync.lock import SyncLock
 from rke2_mirror.jobs.sync.report import (EXIT_OK, ImageSet, SyncResult, build_report, report_messages, write_atomic,
                                           write_textfile)
@@ -111,9 +111,11 @@ def resolve_image_sets(cfg: LoadedConfig, log: Log = lambda s: None,
                 r = release_images(rel, source, None if spec.offline else client, spec.arches, spec.flavors, log,
                                    detail=log if verbose else (lambda s: None), summary=False)
                 name = f"{spec.product} {rel}"
-                log(f"{name}: {r.version} ({len(r.images)} images)" if rel != r.version
-                    else f"{name}: {len(r.images)} images")
-                sets.append(ImageSet(name, r.images, spec.product, rel, r.version, tuple(f.name for f in r.files)))
+                checked = f", {len(r.digests)} with a published digest" if r.digest_files else ""
+                log(f"{name}: {r.version} ({len(r.images)} images{checked})" if rel != r.version
+                    else f"{name}: {len(r.images)} images{checked}")
+                sets.append(ImageSet(name, r.images, spec.product, rel, r.version, tuple(f.name for f in r.files),
+                                     digests=r.digests))
     finally:
         if own is not None:
             own.close()
@@ -265,7 +267,7 @@ def copy_options(cfg: SyncConfig, dry_run: bool = False, jobs_override: int | No
                  cancel: Cancel | None = None) -> CopyOptions:
     n = jobs_override or cfg.copy.jobs
     return CopyOptions(platforms=tuple(Platform.parse(p) for p in cfg.copy.platforms),
-                       signatures=cfg.copy.signatures, jobs=n, blob_jobs=max(4, n * 2), dry_run=dry_run,
+                       referrers=referrer_filter(cfg.copy), jobs=n, blob_jobs=max(4, n * 2), dry_run=dry_run,
                        retry=RetryPolicy(attempts=cfg.copy.retries, timeout=cfg.copy.timeout), cancel=cancel)
 
 
@@ -303,9 +305,10 @@ def check_node_files_readable(cfg: LoadedConfig) -> None:
 def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentials | None = None,
                 max_rps: float | None = None, pull_floor: int | None = None, jobs_override: int | None = None,
                 dry_run: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
-                cancel: Cancel | None = None) -> Report:
+                cancel: Cancel | None = None, expect_digests: Mapping[ImageRef, str] | None = None) -> Report:
     """One engine run of `refs` into the config's target, with its TLS, sources, credentials and limits
-    (the arguments given here override the config's); `cancel` interrupts it."""
+    (the arguments given here override the config's); `cancel` interrupts it; `expect_digests`: the digests
+    the releases publish (rancher), each copy checked against them."""
     c = cfg.config
     creds = creds if creds is not None else target_credentials(cfg)
     target_tls = dataclasses.replace(_tls(c.target.ca_file, c.target.insecure_skip_verify, "target"),
@@ -318,7 +321,7 @@ def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentia
                        public_projects=c.target.public_projects, progress=progress, log=log,
                        max_rps=max_rps if max_rps is not None else c.copy.max_rps,
                        pull_floor=pull_floor if pull_floor is not None else c.copy.pull_floor,
-                       target_credentials=creds)
+                       target_credentials=creds, expect_digests=expect_digests)
 
 
 def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps: float | None = None,
@@ -379,8 +382,10 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
             log(f"shard {shard[0]}/{shard[1]}: {len(refs)} of {len(all_refs)} images")
         if cancel.is_set():
             raise Interrupted(cancel.signum or signal.SIGINT)
+        expect = {r: d for s in sets for r, d in s.digests.items()}
         report = mirror_refs(cfg, refs, creds=creds, max_rps=max_rps, pull_floor=pull_floor,
-                             jobs_override=jobs_override, dry_run=dry_run, progress=progress, log=log, cancel=cancel)
+                             jobs_override=jobs_override, dry_run=dry_run, progress=progress, log=log, cancel=cancel,
+                             expect_digests=expect)
     except MirrorError as exc:
         if textfile is not None:  # monitoring sees the failed run; the last success is kept
             finished = clock()
