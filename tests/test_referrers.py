@@ -203,3 +203,226 @@ def test_list_check_reports_what_signs_each_image(registry_factory, key):
     (c,) = common.check_sources([ImageRef.parse(REF)], opts, referrers=False)
     assert c.referrers is None
     assert not [l for l in src.access_log()[before:] if '"GET ' in l and "/manifests/" in l]  # HEADs only
+
+
+# --------------------------------------------------------------------------- hostile answers
+# What a real registry won't produce: answers made with httpx.MockTransport, or a source in memory.
+
+import json as _json  # noqa: E402
+
+import httpx  # noqa: E402
+
+from rke2_mirror.endpoints.registry import Registry  # noqa: E402
+from rke2_mirror.engine.walk import GraphLimit, walk, walk_referrers  # noqa: E402
+from rke2_mirror.model.errors import MirrorError, UnsupportedManifest  # noqa: E402
+from rke2_mirror.model.oci import OCI_INDEX, OCI_MANIFEST, parse_manifest, sha256_digest  # noqa: E402
+from rke2_mirror.model.referrers import MAX_REFERRER_DEPTH, ReferrerFilter  # noqa: E402
+
+D = "sha256:" + "a" * 64
+
+
+def _index(entries: list[dict]) -> bytes:
+    return _json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+
+
+def _registry(handler) -> Registry:
+    return Registry("http://reg.test", transport=httpx.MockTransport(handler))
+
+
+def test_a_referrers_answer_linking_to_another_host_is_refused():
+    seen: list[str] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(str(req.url))
+        return httpx.Response(200, content=_index([]), headers={
+            "content-type": OCI_INDEX, "link": '<http://evil.test/v2/a/referrers/x>; rel="next"'})
+    with _registry(handler) as reg, pytest.raises(MirrorError, match="links to another host"):
+        reg.referrers("a", D)
+    assert all(u.startswith("http://reg.test/") for u in seen)
+
+
+def test_too_many_referrers_or_endless_pages_are_bounded():
+    many = _index([{"mediaType": OCI_MANIFEST, "digest": "sha256:" + f"{i:064x}", "size": 1} for i in range(1001)])
+    with _registry(lambda req: httpx.Response(200, content=many, headers={"content-type": OCI_INDEX})) as reg:
+        with pytest.raises(UnsupportedManifest, match="more than 1000 referrers"):
+            reg.referrers("a", D)
+    calls = []
+
+    def endless(req: httpx.Request) -> httpx.Response:
+        calls.append(req.url.path)
+        if "/tags/list" in req.url.path:
+            return httpx.Response(200, json={"tags": ["x"] * 10}, headers={"link": '</v2/a/tags/list?last=x>; rel="next"'})
+        if req.method == "HEAD":
+            return httpx.Response(404)
+        return httpx.Response(404, json={"errors": []})
+    with _registry(endless) as reg:
+        assert reg.tagged_artifacts("a", D) == []  # the list is not read to its (missing) end: HEADs instead
+    assert sum(1 for c in calls if "/tags/list" in c) <= 101 and len(calls) <= 110
+
+
+class _MemSource:
+    """Manifests in memory; `refs[subject]` lists the referrers the source claims."""
+
+    def __init__(self):
+        self.manifests: dict[str, bytes] = {}
+        self.refs: dict[str, list[dict]] = {}
+        self.asked = 0
+
+    def put(self, doc: dict) -> dict:
+        raw = _json.dumps(doc).encode()
+        d = sha256_digest(raw)
+        self.manifests[d] = raw
+        return {"mediaType": OCI_MANIFEST, "digest": d, "size": len(raw), "artifactType": "application/x-test"}
+
+    def get_manifest(self, repo, ref):
+        from rke2_mirror.model.oci import Descriptor
+        raw = self.manifests[ref]
+        return Descriptor(OCI_MANIFEST, ref, len(raw)), raw
+
+    def referrers(self, repo, subject, filt=None):
+        from rke2_mirror.model.oci import Descriptor
+        self.asked += 1
+        return [Descriptor.from_json(e) for e in self.refs.get(subject, [])]
+
+
+def _artifact(subject: str, n: int) -> dict:
+    empty = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256_digest(b"{}"), "size": 2}
+    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/x-test", "config": empty,
+            "layers": [{"mediaType": "application/x-test", "digest": sha256_digest(str(n).encode()), "size": len(str(n))}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 1}}
+
+
+def _root(src: _MemSource):
+    raw = _json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {
+        "mediaType": "application/vnd.oci.image.config.v1+json", "digest": D, "size": 1}, "layers": []}).encode()
+    return walk(src, "r", parse_manifest(OCI_MANIFEST, raw))
+
+
+def test_a_chain_of_referrers_stops_at_the_depth_limit_and_a_cycle_ends():
+    src = _MemSource()
+    g = _root(src)
+    subject = g.root.digest
+    for i in range(20):  # each referrer has a referrer of its own: 20 deep
+        d = src.put(_artifact(subject, i))
+        src.refs[subject] = [d]
+        subject = d["digest"]
+    walk_referrers(src, "r", g, ReferrerFilter())
+    assert len(g.referrers) == MAX_REFERRER_DEPTH and src.asked == MAX_REFERRER_DEPTH
+    # a referrer listed as a referrer of its own referrer (a cycle) is walked once
+    src2 = _MemSource()
+    g2 = _root(src2)
+    a = src2.put(_artifact(g2.root.digest, 1))
+    src2.refs[g2.root.digest] = [a]
+    src2.refs[a["digest"]] = [a]
+    walk_referrers(src2, "r", g2, ReferrerFilter())
+    assert [e.descriptor.digest for e in g2.referrers] == [a["digest"]]
+
+
+def test_a_referrer_that_names_another_subject_or_too_many_blobs_is_refused():
+    src = _MemSource()
+    g = _root(src)
+    other = src.put(_artifact("sha256:" + "b" * 64, 1))
+    src.refs[g.root.digest] = [other]
+    with pytest.raises(UnsupportedManifest, match="does not name it as its subject"):
+        walk_referrers(src, "r", g, ReferrerFilter())
+    src = _MemSource()
+    g = _root(src)
+    src.refs[g.root.digest] = [src.put(_artifact(g.root.digest, i)) for i in range(40)]
+    with pytest.raises(GraphLimit):
+        walk_referrers(src, "r", g, ReferrerFilter(), max_descriptors=50)
+
+
+def test_dry_run_lists_them_and_a_delta_carries_a_new_signature_of_an_old_image(registry_factory, key, tmp_path):
+    src, dst = registry_factory(name="src"), registry_factory(name="dst")
+    with ImagePusher(src.url) as p:
+        img = push_image(p, REPO, "v1", kind="oci", seed="delta")
+    lst = write_list(tmp_path / "images.txt", [REF])
+    save = ("save", "--images", str(lst), "--source-endpoint", f"docker.io={src.url}")
+    old, new = tmp_path / "old.tar", tmp_path / "new.tar"
+    assert run_cli(*save, "-o", str(old)).returncode == 0
+    with ImagePusher(src.url) as p:
+        sig = cs.sign_referrer_form(p, REPO, _subject(img), key[0], identity="x/y")
+    proc = _mirror(src.url, dst.url, lst, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    (res,) = report(proc)["images"]
+    assert res["status"] == "would-copy" and [(r["digest"], r["status"]) for r in res["referrers"]] == [(sig, "would-copy")]
+    assert _writes(dst.access_log()) == []
+    proc = run_cli(*save, "-o", str(new), "--since", str(old))
+    assert proc.returncode == 0, proc.stderr
+    for f in (old, new):
+        proc = run_cli("load", str(f), "--to", dst.url, "--json")
+        assert proc.returncode == 0, proc.stderr
+    (res,) = report(proc)["images"]
+    assert res["status"] == "skipped" and [(r["digest"], r["status"]) for r in res["referrers"]] == [(sig, "copied")]
+    cs.verify(dst.url, REPO, img.digest, key[1], form="referrer", identity="x/y")
+
+
+def test_with_platform_the_kept_manifests_keep_their_referrers_and_the_rebuilt_index_has_none(
+        registry_factory, key, tmp_path):
+    src, dst = registry_factory(name="src"), registry_factory(name="dst")
+    with ImagePusher(src.url) as p:
+        img = push_image(p, REPO, "v1", kind="oci", seed="plat")
+        amd64 = dict(img.children)["linux/amd64"]
+        arm64 = dict(img.children)["linux/arm64"]
+        cs.sign_referrer_form(p, REPO, _subject(img), key[0], identity="x/y")  # the original index's
+        on_amd64 = cs.sign_referrer_of(p, REPO, amd64, key[0], identity="x/y")
+        cs.sign_referrer_of(p, REPO, arm64, key[0], identity="x/y")
+    lst = write_list(tmp_path / "images.txt", [REF])
+    proc = _mirror(src.url, dst.url, lst, "--platform", "linux/amd64")
+    assert proc.returncode == 0, proc.stderr
+    (res,) = report(proc)["images"]
+    assert [r["digest"] for r in res["referrers"]] == [on_amd64]
+    cs.verify(dst.url, REPO, amd64, key[1], form="referrer", identity="x/y")
+
+
+def test_the_tag_schema_index_is_merged_and_a_lost_update_is_repaired_by_the_next_run(registry_factory, key,
+                                                                                      tmp_path):
+    """Two runs adding referrers to one subject at a registry without the API: each merges (never
+    replaces) the index; where the registry ignores If-Match and the other run's write lands between
+    our read and write, the next run finds its referrer missing from the index and adds it again."""
+    a, b, dst = registry_factory(name="a"), registry_factory(name="b"), registry_factory(name="dst")
+    sigs = {}
+    for reg in (a, b):
+        with ImagePusher(reg.url) as p:
+            img = push_image(p, REPO, "v1", kind="oci", seed="same")  # the same image at both sources
+            sigs[reg.url] = cs.sign_referrer_form(p, REPO, _subject(img), key[0], identity=reg.url)
+    lst = write_list(tmp_path / "images.txt", [REF])
+    for reg in (a, b):
+        assert _mirror(reg.url, dst.url, lst).returncode == 0
+    listed, _ = cs.find_referrers(ImagePusher(dst.url), REPO, img.digest)
+    assert {d["digest"] for d in listed} == set(sigs.values())  # merged, not replaced
+    # b's run overwrote the index with only its own (a lost update), as a racing writer could
+    from rke2_mirror_testkit.images import push_manifest
+    only_b = [d for d in listed if d["digest"] == sigs[b.url]]
+    with ImagePusher(dst.url) as p:
+        push_manifest(p, REPO, cs.referrers_tag(img.digest), _index(only_b), OCI_INDEX)
+    proc = _mirror(a.url, dst.url, lst)
+    assert proc.returncode == 0, proc.stderr
+    (res,) = report(proc)["images"]
+    assert [(r["digest"], r["status"]) for r in res["referrers"]] == [(sigs[a.url], "copied")]
+    listed, _ = cs.find_referrers(ImagePusher(dst.url), REPO, img.digest)
+    assert {d["digest"] for d in listed} == set(sigs.values())
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                            max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(["manifests", "mediaType", "schemaVersion", "x"]), _json_values, max_size=4),
+       raw=st.binary(max_size=200))
+def test_hostile_referrers_documents_fail_as_mirror_errors_only(doc, raw):
+    from rke2_mirror.model.oci import Descriptor
+    from rke2_mirror.model.referrers import merged_index, parse_referrers_index, referrer_descriptor
+    add = Descriptor(OCI_MANIFEST, D, 1)
+    for data in (_json.dumps(doc).encode(), raw):
+        for call in (lambda: parse_referrers_index(data, "x"), lambda: merged_index(data, add, "x"),
+                     lambda: referrer_descriptor(OCI_MANIFEST, data, D)):
+            try:
+                call()
+            except MirrorError:
+                pass
