@@ -240,6 +240,15 @@ def test_mirror_fails_the_image_whose_published_digest_differs(registry_factory,
                 "--lists-dir", str(tmp_path / "cache"), "--to", dst.url, "--source-endpoint", f"docker.io={src.url}",
                 "--json")
         proc = run_cli(*args)
+        check = run_cli("list", VERSION, "--product", "rancher", "--release-url", srv.release_url("rancher"),
+                        "--lists-dir", str(tmp_path / "cache"), "--source-endpoint", f"docker.io={src.url}", "--check")
+    # list --check names the image whose digest differs from the published one (exit 1), the others ok
+    assert check.returncode == 1, check.stderr
+    lines = {l.split()[1]: l for l in check.stdout.splitlines()}
+    bad_line = lines[str(ImageRef.parse(bad))]
+    assert bad_line.startswith("DIGEST") and pushed[bad] in bad_line and "sha256:" + "0" * 64 in bad_line
+    assert sum(l.startswith("ok") for l in lines.values()) == len(IMAGES) - 1
+    assert "1 with another digest than the release publishes" in check.stderr
     assert proc.returncode == 1, proc.stderr
     rep = json.loads(proc.stdout)
     status = {i["source"]: i for i in rep["images"]}

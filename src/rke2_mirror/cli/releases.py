@@ -121,19 +121,28 @@ def list_command(
         return
     checks = check_sources(result.images, source, jobs=jobs)
     missing = [c for c in checks if c.digest is None]
+    # a digest the release publishes (rancher) that the source's tag does not name: as bad as missing
+    differs = {c.ref: result.digests[c.ref] for c in checks
+               if c.digest not in (None, "?") and result.digests.get(c.ref) not in (None, c.digest)}
     if doc is not None:
         doc["check"] = {"present": len(checks) - len(missing), "missing": len(missing),
                         "images": [{"image": str(c.ref), "digest": c.digest, "error": c.error,
+                                    **({"published_digest": differs[c.ref]} if c.ref in differs else {}),
                                     **({"referrers": c.referrers} if c.referrers else {})} for c in checks]}
+        if result.digests:
+            doc["check"]["digest_mismatch"] = len(differs)
         typer.echo(json.dumps(doc, indent=2))
     else:
         for c in checks:
             signed = ", ".join(f"{n} {k}" for k, n in sorted((c.referrers or {}).items()))
-            typer.echo(f"{'ok' if c.digest else 'MISSING':8} {c.ref}" + (f"  ({c.error})" if c.error else "")
-                       + (f"  [{signed}]" if signed else ""))
+            state = "MISSING" if not c.digest else "DIGEST" if c.ref in differs else "ok"
+            typer.echo(f"{state:8} {c.ref}" + (f"  ({c.error})" if c.error else "")
+                       + (f"  (the source has {c.digest}, the release publishes {differs[c.ref]})"
+                          if c.ref in differs else "") + (f"  [{signed}]" if signed else ""))
     typer.echo(f"{result.version}: {len(checks) - len(missing)} of {len(checks)} images present at the source"
-               + (f", {len(missing)} missing" if missing else ""), err=True)
-    if missing:
+               + (f", {len(missing)} missing" if missing else "")
+               + (f", {len(differs)} with another digest than the release publishes" if differs else ""), err=True)
+    if missing or differs:
         raise typer.Exit(1)
 
 
