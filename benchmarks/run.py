@@ -126,6 +126,10 @@ def _kind(method: str, path: str) -> str:
         return f"{method} blob"
     if "/manifests/" in p[0]:
         return f"{method} manifest"
+    if p[0].endswith("/tags/list"):
+        return f"{method} tags/list"
+    if "/referrers/" in p[0]:
+        return f"{method} referrers"
     return f"{method} {p[0] if p[0] == '/v2/' else 'other'}"
 
 
@@ -309,11 +313,11 @@ def clear_skopeo_cache() -> None:
         p.unlink(missing_ok=True)
 
 
-def verify(url: str, ds: dataset.DataSet, *, auth=None, verify_tls=True) -> tuple[int, int]:
-    """(tags present, tags whose digest equals the source's) at the target."""
+def verify(url: str, ds: dataset.DataSet, *, auth=None, verify_tls=True, images=None) -> tuple[int, int]:
+    """(tags present, tags whose digest equals the source's) at the target (`images`: default all)."""
     present = same = 0
     with ImagePusher(url, auth=auth, verify=verify_tls, timeout=30.0) as p:
-        for im in ds.images:
+        for im in (ds.images if images is None else images):
             r = p.request("HEAD", f"/v2/{im.repo}/manifests/{im.tag}", repo=im.repo,
                           headers={"Accept": ", ".join(dataset_accept())})
             if r.status_code == 200:
@@ -531,6 +535,40 @@ def write_sync_yaml(path: Path, src: RunningRegistry, ds: dataset.DataSet) -> No
     path.write_text("\n".join(lines) + "\n")
 
 
+# Presets.  rancher: about the size of a Rancher release's image list (issue #18): ~4 MB per image as in the
+# standard set, so per-image and per-GB figures compare; the slow, per-image skopeo loops are left out by
+# default (give --skip yourself to choose other parts).
+PROFILES = {
+    "standard": {"images": 150, "mb": 600.0, "repeat": 2, "big_mb": 1024, "scale": 0, "skip": []},
+    "rancher": {"images": 1500, "mb": 6144.0, "repeat": 1, "big_mb": 0, "scale": 150,
+                "skip": ["skopeo-copy", "token", "profile", "whatif"]},
+}
+
+
+def pin(pid: int, cpus: str) -> None:
+    """Every thread of a running process onto `cpus` (taskset -a: a Go registry has many threads)."""
+    subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, check=False)
+
+
+def sha256_pass(nbytes: int, piece: int = 1 << 20) -> tuple[float, float]:
+    """(wall s, CPU s) of one hashlib sha256 pass over `nbytes` bytes, fed 1 MiB at a time (the client's
+    chunks are 64 KiB-1 MiB; above ~2 KiB hashlib releases the GIL, so this is the hash alone)."""
+    import hashlib
+    buf = os.urandom(64 * MB)
+    views = [memoryview(buf)[i:i + piece] for i in range(0, len(buf), piece)]
+    h = hashlib.sha256()
+    left = nbytes
+    c0, t0 = self_cpu(), time.monotonic()
+    while left > 0:
+        for v in views:
+            if left <= 0:
+                break
+            h.update(v if left >= len(v) else v[:left])
+            left -= len(v)
+    h.hexdigest()
+    return time.monotonic() - t0, self_cpu() - c0
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -557,18 +595,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rke2-mirror", metavar="CMD", default=None,
                     help="command to benchmark instead of the venv's rke2-mirror, e.g. "
                          "'env PYTHONPATH=/other/src python -m rke2_mirror'")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="standard",
+                    help="preset sizes: standard (150 images, 600 MB), rancher (1,500 images, 6 GB: issue #18); "
+                         "--images/--mb/--repeat/--skip still apply on top")
+    ap.add_argument("--scale", type=int, default=None, metavar="K",
+                    help="also mirror the first K images cold + no-op, for per-image overhead at K vs the whole set "
+                         "(rancher profile: 150)")
+    ap.add_argument("--jobs-sweep", default=None, metavar="LIST",
+                    help="cold runs of rke2-mirror --jobs N (and the ceiling with 2N threads) for each N, e.g. 1,2,4,8")
+    ap.add_argument("--pin", action="store_true",
+                    help="with --jobs-sweep: registries on CPU 0, the client on the other CPUs (taskset)")
     ap.add_argument("--rusage-wrapper", nargs=1, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.rusage_wrapper:
         return rusage_wrapper(a.rusage_wrapper[0], a.rest)
 
-    n_images = a.images or (30 if a.quick else 150)
-    mb = a.mb or (60.0 if a.quick else 600.0)
-    repeat = a.repeat or (1 if a.quick else 2)
-    big_mb = a.big_mb if a.big_mb is not None else (64 if a.quick else 1024)
-    results_path = a.results or (None if a.quick else HERE / "RESULTS.md")
-    skip = set(a.skip)
+    prof = PROFILES[a.profile]
+    n_images = a.images or (30 if a.quick else prof["images"])
+    mb = a.mb or (60.0 if a.quick else prof["mb"])
+    repeat = a.repeat or (1 if a.quick else prof["repeat"])
+    big_mb = a.big_mb if a.big_mb is not None else (64 if a.quick else prof["big_mb"])
+    if a.scale is None:
+        a.scale = prof["scale"]
+    results_path = a.results or (None if a.quick or a.profile != "standard" else HERE / "RESULTS.md")
+    skip = set(a.skip) | set(prof["skip"])
     if not SKOPEO:
         skip |= {"skopeo-sync", "skopeo-copy", "archive-skopeo"}
         log("skopeo not found: skopeo runs skipped (apt-get install skopeo)")
@@ -657,10 +708,11 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
             log(f"{name} FAILED:\n{traceback.format_exc()}")
             problems.append(f"{name} failed: {exc.__class__.__name__}: {exc}")
 
-    def check(name: str, url: str, m: Measure, *, digests=True, **kw) -> bool:
-        present, same = verify(url, ds, **kw)
-        good = m.rc == 0 and present == n and (same == n or not digests)
-        msg = f"{name}: {m.wall:.2f}s, exit {m.rc}, {present}/{n} tags present, {same}/{n} digests equal the source's"
+    def check(name: str, url: str, m: Measure, *, digests=True, images=None, **kw) -> bool:
+        present, same = verify(url, ds, images=images, **kw)
+        k = n if images is None else len(images)
+        good = m.rc == 0 and present == k and (same == k or not digests)
+        msg = f"{name}: {m.wall:.2f}s, exit {m.rc}, {present}/{k} tags present, {same}/{k} digests equal the source's"
         details.append(msg)
         log("  " + msg)
         if not good:
@@ -668,11 +720,17 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
         return good
 
     token_log: list[tuple[str, list]] = []  # (run, token requests it made)
+    last_out: dict[str, Path] = {}  # run name -> its stdout (the --json report)
 
     def rke2_mirror(name: str, dst, *, noop_too: bool, extra_env=None, ca=None, token=False,
-                    tls_only=False) -> tuple[Measure, Measure | None]:
-        argv = [*RKE2, "mirror", "--images", str(images_txt), "--to", dst.url, "--source-endpoint", src_ep,
-                "--jobs", str(a.jobs), "--json"]
+                    tls_only=False, images=None, jobs=None, prefix=()) -> tuple[Measure, Measure | None]:
+        """`images`: a subset of the set (its own list file); `prefix`: e.g. taskset -c 1."""
+        lst = images_txt
+        if images is not None:
+            lst = work / f"images-{len(images)}.txt"
+            lst.write_text("".join(f"{im.ref}\n" for im in images))
+        argv = [*prefix, *RKE2, "mirror", "--images", str(lst), "--to", dst.url, "--source-endpoint", src_ep,
+                "--jobs", str(jobs or a.jobs), "--json"]
         if ca:
             argv += ["--ca-file", str(ca)]
         e = {**env, **(extra_env or {})}
@@ -683,16 +741,18 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
         kw = {"auth": (TOKEN_USER, TOKEN_PASSWORD), "verify_tls": str(ca)} if token else {}
         if tls_only:
             kw = {"verify_tls": str(ca)}
-        check(name + " cold", dst.url, cold, **kw)
+        check(name + " cold", dst.url, cold, images=images, **kw)
+        last_out[name] = out
         noop = None
         if noop_too:
             t0 = len(dst.token_requests) if token else 0
             noop, out2 = runner.run(name + "-noop", argv, env=e, watch=watching(src, dst), token_server=token)
+            last_out[name + "-noop"] = out2
             if token:
                 token_log.append(("no-op", dst.token_requests[t0:]))
             try:
                 summ = json.loads(out2.read_text())["summary"]
-                if summ["skipped"] != n:
+                if summ["skipped"] != (n if images is None else len(images)):
                     problems.append(f"{name} no-op: {summ}")
             except (ValueError, KeyError) as exc:
                 problems.append(f"{name} no-op: unreadable report ({exc})")
@@ -727,6 +787,55 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
         lab.drop(dst)
 
     rows = [ceiling, ours]
+
+    # ---- client CPU per GB: the ceiling, ours, and one sha256 pass over as many bytes (issue #18)
+    gib = ds.unique_bytes / 2**30
+    sha_wall, sha_cpu = sha256_pass(ds.unique_bytes)
+    log(f"one sha256 pass over {ds.unique_bytes / MB:.0f} MB: {sha_wall:.2f}s wall, {sha_cpu:.2f}s CPU "
+        f"({sha_cpu / gib:.2f} s/GiB)")
+
+    # ---- per-image overhead: the first K images alone (cold + no-op), against the whole set above
+    scale_rows: list[tuple[int, Measure, Measure, int, int]] = []  # (images, cold, no-op, report bytes, no-op report bytes)
+    if a.scale and 0 < a.scale < n and ours.best_cold:
+        with part("scale"):
+            sub = ds.images[:a.scale]
+            dst = lab.registry("scale")
+            cold, noop = rke2_mirror("rke2-mirror-scale", dst, noop_too=True, images=sub)
+            lab.drop(dst)
+            size = lambda name: last_out[name].stat().st_size if name in last_out else 0  # noqa: E731
+            scale_rows.append((len(sub), cold, noop, size("rke2-mirror-scale"), size("rke2-mirror-scale-noop")))
+            scale_rows.append((n, ours.best_cold, ours.best_noop, size("rke2-mirror"), size("rke2-mirror-noop")))
+
+    # ---- throughput vs --jobs (registries and client on different CPUs with --pin)
+    sweep_rows: list[tuple[str, int, Measure]] = []
+    if a.jobs_sweep:
+        with part("jobs sweep"):
+            ncpu = os.cpu_count() or 1
+            client_cpus = f"1-{ncpu - 1}" if ncpu > 2 else "1"
+            prefix = ("taskset", "-c", client_cpus) if a.pin and ncpu > 1 else ()
+            if prefix:
+                pin(src.process.pid, "0")
+            try:
+                for j in (int(x) for x in a.jobs_sweep.split(",")):
+                    dst = lab.registry("sweep-ceiling")
+                    if prefix:
+                        pin(dst.process.pid, "0")
+                    m, _ = runner.run(f"sweep-ceiling-{2 * j}", [*prefix, sys.executable, str(HERE / "ceiling.py"),
+                                                                  "--src", src.url, "--dst", dst.url, "--images",
+                                                                  str(images_txt), "--threads", str(2 * j)],
+                                      env=env, watch=watching(src, dst))
+                    check(f"sweep ceiling threads {2 * j}", dst.url, m)
+                    sweep_rows.append(("ceiling", 2 * j, m))
+                    lab.drop(dst)
+                    dst = lab.registry("sweep")
+                    if prefix:
+                        pin(dst.process.pid, "0")
+                    cold, _ = rke2_mirror(f"sweep-jobs{j}", dst, noop_too=False, jobs=j, prefix=prefix)
+                    sweep_rows.append(("rke2-mirror", j, cold))
+                    lab.drop(dst)
+            finally:
+                if prefix:
+                    pin(src.process.pid, f"0-{ncpu - 1}")
 
     # ---- token-auth TLS target
     token_row = None
@@ -1050,6 +1159,52 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
         md += [f"## One {big_mb} MB layer (peak RSS)", "", "| tool | s | client CPU s | peak RSS MB |",
                "|---|---:|---:|---:|"]
         md += [f"| {name} | {m.wall:.2f} | {m.cpu:.2f} | {m.rss_kb / 1024:.0f} |" for name, m in big_rows]
+        md.append("")
+    if ceil_c and ours_c:
+        per = lambda m: m.cpu / gib  # noqa: E731
+        goal = 1.1 * per(ceil_c) + sha_cpu / gib
+        md += ["## Client CPU per GiB (cold, best run; issue #18)", "",
+               f"{ds.unique_bytes / MB:.0f} MB of unique blobs = {gib:.3f} GiB. One hashlib sha256 pass over as many "
+               f"bytes in this process, same run: {sha_wall:.2f} s wall, {sha_cpu:.2f} s CPU = **{sha_cpu / gib:.2f} s/GiB**.",
+               "", "| | client CPU s (user + sys) | s per GiB | ÷ ceiling | MB per client CPU-s |",
+               "|---|---:|---:|---:|---:|"]
+        for name, m in (("ceiling", ceil_c), ("rke2-mirror", ours_c)):
+            md.append(f"| {name} | {m.cpu:.2f} ({m.user:.2f} + {m.sys:.2f}) | {per(m):.2f} | "
+                      f"{per(m) / per(ceil_c):.2f}× | {ds.unique_bytes / MB / m.cpu:.0f} |")
+        md.append(f"| target: 1.1 × ceiling + one sha256 pass | | {goal:.2f} | | |")
+        md += ["", f"rke2-mirror: {per(ours_c):.2f} s/GiB vs goal {goal:.2f} s/GiB: "
+               f"**{'met' if per(ours_c) <= goal else 'NOT met'}** (rke2-mirror − ceiling = "
+               f"{per(ours_c) - per(ceil_c):.2f} s/GiB; the sha256 pass alone {sha_cpu / gib:.2f} s/GiB).", ""]
+    if scale_rows:
+        md += ["## Per-image overhead: the first K images vs the whole set (rke2-mirror, same source)", "",
+               "| images | cold s | cold client CPU s | cold CPU ms / image | cold requests / image "
+               "| no-op s | no-op client CPU s | no-op CPU ms / image | no-op requests / image | no-op report bytes / image "
+               "| peak RSS MB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, c, nn, rep, rep_n in scale_rows:
+            md.append(f"| {k} | {c.wall:.2f} | {c.cpu:.2f} | {c.cpu / k * 1000:.1f} | {c.n_requests / k:.2f} "
+                      f"| {nn.wall:.2f} | {nn.cpu:.2f} | {nn.cpu / k * 1000:.2f} | {nn.n_requests / k:.2f} | "
+                      f"{rep_n / k:.0f} | {max(c.rss_kb, nn.rss_kb) / 1024:.0f} |")
+        (k1, c1, n1, _, _), (k2, c2, n2, _, _) = scale_rows
+        md += ["", f"Marginal no-op client CPU per image from {k1} to {k2} images: "
+               f"{(n2.cpu - n1.cpu) / (k2 - k1) * 1000:.2f} ms (average at {k1}: {n1.cpu / k1 * 1000:.2f} ms incl. "
+               f"start-up); marginal no-op wall per image {(n2.wall - n1.wall) / (k2 - k1) * 1000:.2f} ms. Marginal cold "
+               f"client CPU per image: {(c2.cpu - c1.cpu) / (k2 - k1) * 1000:.1f} ms (average at {k1}: "
+               f"{c1.cpu / k1 * 1000:.1f} ms). Marginal ≤ average means nothing grows worse than linearly.", ""]
+        md += [f"Requests by kind, {k1} vs {k2} images (no-op):", "",
+               "| request | " + f"{k1} images | {k2} images | per image at {k1} | per image at {k2} |",
+               "|---|---:|---:|---:|---:|"]
+        for kind in sorted(set(n1.requests) | set(n2.requests)):
+            md.append(f"| {kind} | {n1.requests.get(kind, 0)} | {n2.requests.get(kind, 0)} | "
+                      f"{n1.requests.get(kind, 0) / k1:.3f} | {n2.requests.get(kind, 0) / k2:.3f} |")
+        md.append("")
+    if sweep_rows:
+        md += [f"## Throughput vs --jobs (cold, {ds.unique_bytes / MB:.0f} MB; "
+               + ("registries pinned to CPU 0, the client to the rest with taskset" if a.pin else "no pinning")
+               + ")", "", "| client | --jobs / threads | wall s | MB/s | client CPU s | MB per client CPU-s "
+               "| registries CPU s | others' CPU s | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, j, m in sweep_rows:
+            md.append(f"| {name} | {j} | {m.wall:.2f} | {ds.unique_bytes / MB / m.wall:.0f} | {m.cpu:.2f} | "
+                      f"{ds.unique_bytes / MB / m.cpu:.0f} | {m.reg_cpu:.2f} | {m.others_cpu:.2f} | {m.load:.1f} |")
         md.append("")
     if prof_md:
         md += ["## Profile (cold rke2-mirror mirror)", "", prof_md, ""]

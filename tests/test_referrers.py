@@ -72,6 +72,7 @@ def test_every_form_reaches_a_registry_without_the_api_and_verifies_there(regist
     assert got[s["sbom"]]["kind"] == "sbom" and got[s["att"]]["kind"] == "attestation"
     assert got[s["att_sig"]]["subject"] == s["att"] and got[s["ref_sig"]]["kind"] == "signature"
     assert all(r["status"] == "copied" for r in got.values())
+    assert "5 signatures/attestations/SBOMs copied" in proc.stderr
     # digests equal, and the signatures verify at the mirror as `cosign verify --key` would
     assert assert_complete(dst.url, REPO, "v1") == img.digest
     _verify_both(dst.url, REPO, img.digest, key, s["identity"])

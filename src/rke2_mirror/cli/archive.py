@@ -15,6 +15,7 @@ from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, REFERRERS, RELEAS
                                      TARGET_TLS, CopyTuning,
                                      ImageLists, JsonOpt, PlatformOpt, PublicProjectsOpt, ReleaseOptions, ReportOutput, ToOpt,
                                      options, parse_platforms)
+from rke2_mirror.cli.artifacts import ChartOpt, InstallFilesOpt, InstallScriptOpt, prepared
 from rke2_mirror.cli.signals import interrupts
 from rke2_mirror.cli.util import LazyModule, stderr_log
 from rke2_mirror.jobs.common import SourceOptions, TLSOptions
@@ -31,6 +32,8 @@ load_job = LazyModule("rke2_mirror.jobs.load")
 inspect_job = LazyModule("rke2_mirror.jobs.inspect")
 dockerarchive = LazyModule("rke2_mirror.endpoints.dockerarchive")
 checksums = LazyModule("rke2_mirror.releases.checksums")
+artifacts_job = LazyModule("rke2_mirror.jobs.artifacts")
+ociarchive = LazyModule("rke2_mirror.endpoints.ociarchive")
 
 LOAD_NAME_HELP = ("REPOSITORY[:TAG] for index.json entries that name no image or only a tag (skopeo's "
                   "oci-archive:FILE or oci-archive:FILE:TAG), e.g. docker.io/rancher/x.")
@@ -165,6 +168,9 @@ def save_command(
     lists: ReleaseOptions,
     tuning: CopyTuning,
     out: ReportOutput,
+    chart: ChartOpt = [],  # noqa: B006 - typer's default
+    install_files: InstallFilesOpt = False,
+    install_script: InstallScriptOpt = None,
 ) -> None:
     """Copy images into one archive file, digests preserved.
 
@@ -186,15 +192,17 @@ def save_command(
         opts = copy_options(tuning, cancel, platform=platform, referrers=referrers)
         split_bytes = tarfiles.parse_size(split) if split else None
         published: dict = {}  # digests the releases publish (rancher): each copy is checked against them
-        refs = gather_images(images, lists, digests=published)
+        only_artifacts = bool(chart) and not images.files and not images.releases
+        refs = [] if only_artifacts else gather_images(images, lists, digests=published)
         since_spec = resolve_since(since, lists) if since else None
-        progress = CliProgress()
-        try:
-            res = save_job.save(refs, output, source=source, options=opts, split=split_bytes, since=since_spec,
-                                work_dir=work_dir, keep_work_dir=keep_work_dir, progress=progress, log=stderr_log,
-                                for_node=node, expect_digests=published)
-        finally:
-            progress.close()
+        with prepared(chart, install_files, install_script, images, lists, output.parent) as artifacts:
+            progress = CliProgress()
+            try:
+                res = save_job.save(refs, output, source=source, options=opts, split=split_bytes, since=since_spec,
+                                    work_dir=work_dir, keep_work_dir=keep_work_dir, progress=progress, log=stderr_log,
+                                    for_node=node, expect_digests=published, artifacts=artifacts)
+            finally:
+                progress.close()
         if res.files:
             names = str(res.files[0]) if len(res.files) == 1 else \
                 f"{len(res.files)} parts {res.files[0]} … {res.files[-1].name}"
@@ -296,4 +304,28 @@ def inspect_command(
         raise typer.Exit(1)
 
 
-__all__ = ["inspect_command", "load_command", "resolve_since", "save_command"]
+@app.command("extract")
+@run_command
+def extract_command(
+    file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="An archive written by `save --install-files` "
+                                         "(or its first part).")],
+    to: Annotated[Path, typer.Option("--to", metavar="DIR", help="The directory to write the files into "
+                                     "(INSTALL_RKE2_ARTIFACT_PATH).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an archive's install files into DIR, for INSTALL_RKE2_ARTIFACT_PATH.
+
+    Flat: rke2.linux-<arch>.tar.gz, sha256sum-<arch>.txt, install.sh, each hashed again (and checked
+    against the sha256sum file) and written whole or not at all."""
+    with ociarchive.ArchiveReader(file) as reader:
+        res = artifacts_job.extract(reader, to, log=stderr_log)
+    if as_json:
+        typer.echo(json.dumps({"files": res.files}, indent=2))
+    else:
+        for f in res.files:
+            typer.echo(f"{f['path']}  sha256:{f['sha256']}")
+        stderr_log(f"extracted {len(res.files)} file(s) into {to}: install with "
+                   f"INSTALL_RKE2_ARTIFACT_PATH={to} sh {to}/install.sh")
+
+
+__all__ = ["extract_command", "inspect_command", "load_command", "resolve_since", "save_command"]

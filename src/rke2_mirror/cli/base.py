@@ -156,6 +156,8 @@ def summary_line(report: Report, verb: str = "copied") -> str:
         extra += f", {j['deferred']} deferred ({j['stopped']})"
     if report.interrupted:
         extra += f", {j.get('interrupted', 0)} interrupted ({report.interrupted})"
+    if j.get("referrers", {}).get("copied"):
+        extra += f"; {j['referrers']['copied']} signatures/attestations/SBOMs {verb}"
     return (f"{j['total']} images: {done} {verb}, {j['skipped']} already present, {j['failed']} failed{extra}; "
             f"{human_bytes(j['bytes'])} in {j['seconds']:.1f}s")
 

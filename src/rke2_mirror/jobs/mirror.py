@@ -25,13 +25,14 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
            options: CopyOptions, public_projects: bool = False, progress: Progress | None = None,
            log: Log = lambda s: None, max_rps: float | None = None, pull_floor: int | None = None,
            target_credentials: Credentials | None = None,
-           expect_digests: Mapping[ImageRef, str] | None = None) -> Report:
+           expect_digests: Mapping[ImageRef, str] | None = None, artifacts=None) -> Report:
     """Registry -> registry: the `mirror` command's job.
 
     `max_rps` caps requests per second to each registry (all workers together); `pull_floor` stops
     starting new images once a source's rate-limit headers say that few pulls are left.
     """
     tasks = mirror_tasks(refs, target, expect_digests)
+    tasks += artifacts.mirror_tasks(target) if artifacts else []  # charts and files (jobs.artifacts.Prepared)
     budget = PullBudget(pull_floor or 0)
     router = source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps, budget=budget,
                            cancel=options.cancel, log=log)
@@ -39,7 +40,7 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
                           credentials=target_credentials, cancel=options.cancel, log=log)
     try:
         check_endpoint(tgt, "target")
-        check_source_endpoints(router, refs)
+        check_source_endpoints(router, list(refs) + (artifacts.registry_refs if artifacts else []))
         to_create = ensure_harbor_projects(tgt, [t.target.repository for t in tasks], public=public_projects,
                                            dry_run=options.dry_run, log=log)
         if options.dry_run and counts_pulls(router, refs):
@@ -47,7 +48,8 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
         tgt.plan_repositories(t.target.repository for t in tasks)  # tokens for batches of repositories
         options = replace(options, stop_check=budget.exhausted)
         dst = ProjectsToCreate(tgt, to_create) if to_create else tgt
-        report = run_copy(tasks, router, TargetLocator(dst), options, progress)
+        report = run_copy(tasks, artifacts.locator(router) if artifacts else router, TargetLocator(dst), options,
+                          progress)
         if budget.remaining is not None or budget.hit_429:
             report.rate_limit = budget.to_json()
             left = f"{budget.remaining}" + (f" of {budget.limit}" if budget.limit else "")

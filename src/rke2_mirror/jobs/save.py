@@ -176,9 +176,10 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
          split: int | None = None, since: Since | None = None, work_dir: Path | None = None,
          keep_work_dir: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
          max_rps: float | None = None, for_node: ForNode | None = None,
-         expect_digests: Mapping[ImageRef, str] | None = None) -> SaveResult:
+         expect_digests: Mapping[ImageRef, str] | None = None, artifacts=None) -> SaveResult:
     """Registry -> archive: the `save` command's job.  `expect_digests`: the digest a release publishes for an
-    image (rancher): the copy fails it otherwise."""
+    image (rancher): the copy fails it otherwise.  `artifacts` (jobs.artifacts.Prepared): charts and install
+    files, copied into the same archive by the same engine."""
     output = Path(output)
     if output.is_dir():
         raise InputError(f"--output {output} is a directory")
@@ -193,6 +194,8 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
             raise InputError("--for-node writes one file (a node does not read split parts): drop --split")
         if since is not None:
             raise InputError("--for-node writes every blob (containerd imports whole images): drop --since")
+        if artifacts is not None and artifacts.pairs:
+            raise InputError("--for-node writes images only (a node imports images): drop --chart/--install-files")
         compression = output_compression(output)
         options = replace(options, platforms=(for_node.platform,), referrers=None)  # a node imports images only
         sdr = for_node.system_default_registry
@@ -204,7 +207,8 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
     router = jobs.source_router(source, jobs=options.blob_jobs, retry=options.retry, max_rps=max_rps,
                                 cancel=options.cancel, log=log)
     try:
-        jobs.check_source_endpoints(router, list(refs) + (since.refs if since else []))
+        jobs.check_source_endpoints(router, list(refs) + (since.refs if since else [])
+                                    + (artifacts.registry_refs if artifacts else []))
         old: dict[str, set[str]] = {}
         if since is not None:
             old = _old_blobs(since, router, options.platforms, options.jobs, log)
@@ -212,7 +216,8 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
         with _locked(work_dir):
             layout = LayoutDir(work_dir, assume_present=old)
             tasks = [CopyTask(r, r, expect_digest=(expect_digests or {}).get(r)) for r in refs]
-            report = jobs.run_copy(tasks, router, LayoutLocator(layout),
+            tasks += artifacts.save_tasks() if artifacts else []
+            report = jobs.run_copy(tasks, artifacts.locator(router) if artifacts else router, LayoutLocator(layout),
                                    replace(options, assume_present=frozenset(old)), progress)
             if report.interrupted:  # no archive from half a run: the work dir keeps what arrived
                 return SaveResult(report, [], work_dir=work_dir, work_dir_kept=True)
