@@ -65,9 +65,11 @@ def _uploads_and_tags(lines: list[str]) -> tuple[int, list[str]]:
 
 
 def test_sigkill_mid_copy_never_leaves_a_dangling_tag(many_images, registry_factory, tmp_path):
-    """Each run copies two images it has to itself and is killed at a random point after it uploaded
-    between MIN_UPLOADS and MAX_UPLOADS blobs and before it wrote its first tag, both read from the
-    target's access log (polled, bounded) and asserted.  The window is wide by construction: a proxy in
+    """Each run copies two images it has to itself.  Even runs are killed at a random point after they
+    uploaded between MIN_UPLOADS and MAX_UPLOADS blobs and before they wrote their first tag; odd runs
+    right after their first tag landed, while the other image's uploads are still held (so a tag written
+    before its content was committed would be caught: every tag present is checked complete).  Both read
+    from the target's access log (polled, bounded) and asserted.  The window is wide by construction: a proxy in
     front of the target holds back the answer to every final blob PUT for HOLD seconds (the registry
     has committed and logged the blob), and an image's manifests and tag only go up once all of its own
     4+ blob uploads were answered.  Then every tag in the target must resolve to complete content, and a
@@ -79,22 +81,25 @@ def test_sigkill_mid_copy_never_leaves_a_dangling_tag(many_images, registry_fact
     refs = list(images)
     rng = random.Random(20261128)
     checked = 0
-    killed_after: list[tuple[int, float]] = []  # (blob uploads seen, seconds after start)
+    killed_after: list[tuple[int, int, float]] = []  # (blob uploads seen, tags written, seconds after start)
     try:
         for k in range(KILLS):
             lst = write_list(tmp_path / f"images-{k}.txt", refs[2 * k:2 * k + 2])
             start = len(dst.access_log())
             want = rng.randint(MIN_UPLOADS, MAX_UPLOADS)
+            after_tag = k % 2 == 1
             t0 = time.monotonic()
             proc = subprocess.Popen(_mirror_cmd(lst, hold, src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 deadline = time.monotonic() + POLL_BOUND
                 while True:
                     uploads, tags = _uploads_and_tags(dst.access_log()[start:])
-                    if uploads >= want or tags or proc.poll() is not None or time.monotonic() > deadline:
+                    if (tags if after_tag else uploads >= want or tags) or proc.poll() is not None \
+                            or time.monotonic() > deadline:
                         break
                     time.sleep(0.02)
-                time.sleep(rng.uniform(0, HOLD / 3))  # a random point inside the window
+                if not after_tag:
+                    time.sleep(rng.uniform(0, HOLD / 3))  # a random point inside the window
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
             finally:
@@ -104,16 +109,21 @@ def test_sigkill_mid_copy_never_leaves_a_dangling_tag(many_images, registry_fact
             stderr = proc.stderr.read().decode(errors="replace")
             proc.stderr.close()
             assert proc.returncode == -signal.SIGKILL, f"run {k} ended by itself ({proc.returncode}):\n{stderr[-2000:]}"
-            assert uploads >= want, f"run {k}: only {uploads} blob uploads within {POLL_BOUND}s (wanted {want})"
             time.sleep(0.2)  # the registry logs a request when it is done with it
             _, after_tags = _uploads_and_tags(dst.access_log()[start:])
-            assert not tags and not after_tags, f"run {k} wrote a tag before it was killed: {(tags + after_tags)[:3]}"
-            killed_after.append((uploads, round(time.monotonic() - t0, 1)))
+            if after_tag:
+                assert tags, f"run {k}: no tag within {POLL_BOUND}s"
+                assert len(after_tags) < 2, f"run {k} finished both images before the kill: nothing left half-done"
+            else:
+                assert uploads >= want, f"run {k}: only {uploads} blob uploads within {POLL_BOUND}s (wanted {want})"
+                assert not tags and not after_tags, f"run {k} wrote a tag before it was killed: {(tags + after_tags)[:3]}"
+            killed_after.append((uploads, len(after_tags), round(time.monotonic() - t0, 1)))
             for repo, tags_ in catalog(dst.url).items():
                 for tag in tags_:
                     assert_complete(dst.url, repo, tag)  # every tag resolves to complete content
                     checked += 1
         assert hold.total("hold") > 0
+        assert checked >= KILLS // 2  # the after-the-first-tag kills left tags to check
     finally:
         hold.stop()
     final = subprocess.run(_mirror_cmd(write_list(tmp_path / "images.txt", refs), dst, src), capture_output=True,
@@ -122,7 +132,7 @@ def test_sigkill_mid_copy_never_leaves_a_dangling_tag(many_images, registry_fact
     for ref, img in images.items():
         repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
         assert assert_complete(dst.url, repo, "v1") == img.digest
-    print(f"{KILLS} runs killed mid-copy after (blob uploads, seconds) {killed_after}, {checked} tags checked complete, "
+    print(f"{KILLS} runs killed mid-copy after (blob uploads, tags, seconds) {killed_after}, {checked} tags checked complete, "
           f"{len(images)} images verified after rerun")
 
 

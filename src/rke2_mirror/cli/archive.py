@@ -61,17 +61,25 @@ def _print_inspect(doc: dict) -> None:
         echo(f"delta:    against {d['since']}: {d['omitted']} blobs ({human(d['omitted_bytes'])}) left out; "
              "`load` needs them at the target already")
     b = doc["blobs"]
-    echo(f"contents: {len(doc['images'])} images, {b['count']} blobs, {human(b['bytes'])}")
+    c = doc.get("counts") or {}
+    extra = "".join(f", {c[k]} {k if k == 'files' else 'chart(s)'}" for k in ("chart", "files") if c.get(k))
+    extra = extra.replace(" files", " file set(s)")
+    echo(f"contents: {len(doc['images']) - c.get('chart', 0) - c.get('files', 0)} images{extra}, {b['count']} blobs, "
+         f"{human(b['bytes'])}")
     rows = []
     for im in doc["images"]:
         if "error" in im:
             rows.append((im["reference"], im["digest"][:19], "error", im["error"], ""))
             continue
         kind = im.get("kind") or ("index" if im["mediaType"].endswith(("index.v1+json", "list.v2+json")) else "manifest")
+        if im.get("content") in ("chart", "files"):
+            kind = im["content"]
         size = human(im["size"])
         if "size_in_archive" in im:
             size += f" ({human(im['size_in_archive'])} here)"
         rows.append((im["reference"], im["digest"][:19], kind, ", ".join(im["platforms"]), size))
+        for f in im.get("files", ()):
+            rows.append(("  ↳ " + str(f["title"]), f["digest"][:19], "file", "-", human(f["size"])))
         for r in im.get("referrers", ()):
             what = r["kind"] if r["kind"] != "other" else (r["artifactType"] or "artifact")
             rows.append(("  ↳ " + (f"{what} (tag {r['tag']})" if r.get("tag") else what), r["digest"][:19], "referrer",

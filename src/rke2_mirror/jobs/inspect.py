@@ -9,6 +9,7 @@ from rke2_mirror.endpoints.dockerarchive import DOCKER_MANIFEST, DockerArchive
 from rke2_mirror.endpoints.nodefiles import node_readiness
 from rke2_mirror.endpoints.ociarchive import ArchiveReader
 from rke2_mirror.engine.walk import GraphCache, GraphLimit
+from rke2_mirror.model.artifacts import TITLE, VERSION, content_kind, file_entries
 from rke2_mirror.model.errors import ArchiveError, MirrorError
 from rke2_mirror.model.oci import Descriptor
 from rke2_mirror.model.referrers import ReferrerFilter
@@ -70,6 +71,13 @@ def _inspect_oci(reader: ArchiveReader, *, check: bool = False,
             g = graphs.graph(img.ref.name, img.descriptor.digest)
             row.update(mediaType=g.root.media_type, platforms=g.platforms, size=g.size,
                        manifests=len(g.manifests), blobs=len(g.blobs))
+            row["content"] = content_kind(g.manifest)
+            if row["content"] == "chart":
+                ann = _annotations(g.manifest.raw)
+                row["chart"] = {"name": ann.get(TITLE), "version": ann.get(VERSION)}
+            elif row["content"] == "files":
+                row["files"] = [{k: f[k] for k in ("title", "digest", "size", "verified_sha256")}
+                                for f in file_entries(g.manifest)]
             if g.referrers:
                 row["referrers"] = [e.to_json() for e in g.referrers]
                 for e in g.referrers:
@@ -112,6 +120,16 @@ def _inspect_oci(reader: ArchiveReader, *, check: bool = False,
                 problems.append({"blob": digest, "error": err})
         doc["checked"] = len(blob_list)
     doc["problems"] = problems
+    doc["counts"] = {k: sum(1 for r in images if r.get("content") == k) for k in ("image", "chart", "files")}
     return doc
+
+
+def _annotations(raw: bytes) -> dict:
+    import json
+    try:
+        ann = json.loads(raw).get("annotations")
+    except (ValueError, AttributeError):
+        return {}
+    return ann if isinstance(ann, dict) else {}
 
 
