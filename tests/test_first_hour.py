@@ -21,6 +21,7 @@ import pytest
 
 from rke2_mirror.endpoints import auth
 from rke2_mirror.endpoints.auth import Credentials, lookup_credentials
+from rke2_mirror.model.errors import InputError
 from rke2_mirror_testkit.registry_proc import free_port
 from rke2_mirror_testkit.release_server import start_release_server
 
@@ -411,3 +412,20 @@ def test_node_files_and_image_lists_are_bounded_and_named(tmp_path):
     config = write_sync(tmp_path, "version: 1\ntarget: {url: https://h.example}\nimages: [images.txt]\n")
     msg = one_error(cli("sync", str(config), "--check-config"))
     assert msg == f"images: {huge}: more than 4 MiB, the most accepted for an image list; refused"
+
+
+def test_sync_target_credentials_file_asks_its_credential_helper_and_a_huge_file_is_one_line(helper_env,
+                                                                                            rke2_mirror_env, tmp_path):
+    from types import SimpleNamespace
+
+    from rke2_mirror.jobs.sync.run import target_credentials
+    cfg_file = rke2_mirror_env.docker_config_file
+    spec = SimpleNamespace(env=None, file=str(cfg_file))
+    loaded = SimpleNamespace(config=SimpleNamespace(target=SimpleNamespace(credentials=spec)),
+                             target=SimpleNamespace(host="harbor.example:8443"), path=tmp_path / "sync.yaml")
+    assert target_credentials(loaded) == Credentials("robot", "s3cret-pw")  # from credsStore's helper
+    huge = tmp_path / "huge.json"
+    huge.write_bytes(b'{"auths": {"x": "' + b"a" * (auth.MAX_CREDENTIALS_FILE + 10) + b'"}}')
+    with pytest.raises(InputError, match="larger than") as exc:
+        auth.credentials_from_file(huge, "x")
+    assert "aaaa" not in str(exc.value)

@@ -463,7 +463,7 @@ def test_credentials_from_a_docker_config_file(source, releases, basic_registry,
     result, logs = run(config)
     assert result.exit_code == 0 and result.report["summary"]["copied"] == 1, logs.text
     secret.write_text(json.dumps({"auths": {"elsewhere.example": {"auth": "eDp5"}}}))
-    with pytest.raises(job.InputError, match=f"no 'auths' entry for {basic_registry.host}"):
+    with pytest.raises(job.InputError, match=rf"no 'auths' entry \(nor a credential helper's answer\) for {basic_registry.host}"):
         run(config)
 
 

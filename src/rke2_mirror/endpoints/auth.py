@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from rke2_mirror.model import jsondoc
 from rke2_mirror.model.errors import AuthError, InputError, RegistryError, TokenError
 
 ENV_USERNAME = "RKE2_MIRROR_USERNAME"
@@ -78,14 +79,29 @@ def _normalize_host(key: str) -> str:
     return "docker.io" if k in _DOCKER_HUB_KEYS else k
 
 
-def credentials_from_file(path: Path, host: str) -> Credentials | None:
-    """The entry for `host` in a docker config.json / containers auth.json (None if absent)."""
+MAX_CREDENTIALS_FILE = 4 * 1024 * 1024  # a docker config.json with many registries is a few KiB
+
+
+def _config_doc(path: Path) -> object | None:
+    """A docker config.json / auth.json, bounded (None when absent); never its content in a message."""
     try:
-        doc = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_CREDENTIALS_FILE + 1)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read credentials file {path}: {exc.__class__.__name__}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read credentials file {path}: {exc.strerror or exc.__class__.__name__}") from None
+    try:
+        return jsondoc.loads(data, f"credentials file {path}", limit=MAX_CREDENTIALS_FILE, error=InputError)
+    except InputError:
+        raise InputError(f"cannot read credentials file {path}: " + (
+            f"larger than {MAX_CREDENTIALS_FILE} bytes" if len(data) > MAX_CREDENTIALS_FILE else
+            "not valid JSON")) from None
+
+
+def credentials_from_file(path: Path, host: str) -> Credentials | None:
+    """The entry for `host` in a docker config.json / containers auth.json (None if absent)."""
+    doc = _config_doc(path)
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
         return None
@@ -147,8 +163,8 @@ def helper_for(path: Path, host: str) -> str | None:
     its `credsStore` (None when neither, or the file is absent or not JSON: `credentials_from_file` reads it
     first and says so)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        doc = _config_doc(path)
+    except InputError:
         return None
     if not isinstance(doc, dict):
         return None

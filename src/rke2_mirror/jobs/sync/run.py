@@ -21,7 +21,7 @@ import rke2_mirror.files as files
 import rke2_mirror.yamlsafe as yamlsafe
 import rke2_mirror.jobs.common as jobs
 import rke2_mirror.jobs.mirror as mirror_job
-from rke2_mirror.endpoints.auth import Credentials, credentials_from_file
+from rke2_mirror.endpoints.auth import Credentials, credential_helper, credentials_from_file, helper_for
 from rke2_mirror.endpoints.routing import parse_source_endpoints
 from rke2_mirror.engine.cancel import Cancel, Interrupted
 from rke2_mirror.engine.copy import CopyOptions, ImageResult, Progress, Report
@@ -62,8 +62,12 @@ def target_credentials(cfg: LoadedConfig, env: Mapping[str, str] | None = None) 
     if not path.is_file():
         raise InputError(f"target.credentials.file {path}: no such file (config {cfg.path})")
     creds = credentials_from_file(path, cfg.target.host)
+    if creds is None:  # the credential helper the file names (credHelpers / credsStore), as docker does
+        helper = helper_for(path, cfg.target.host)
+        creds = credential_helper(helper, cfg.target.host, env=dict(env), origin=path) if helper else None
     if creds is None:
-        raise InputError(f"target.credentials.file {path}: no 'auths' entry for {cfg.target.host}")
+        raise InputError(f"target.credentials.file {path}: no 'auths' entry (nor a credential helper's answer) "
+                         f"for {cfg.target.host}")
     if not creds.username or not creds.password:
         raise InputError(f"target.credentials.file {path}: the entry for {cfg.target.host} needs a username and "
                          "password (or 'auth'); identity tokens are not supported for the target")
