@@ -481,6 +481,36 @@ def test_cli_merge_and_config_yaml(tmp_path):
     assert r.exit_code == 0 and "system-default-registry" not in yaml.safe_load(conf.read_text())
 
 
+def test_cli_merge_keeps_the_files_comments_and_order_and_equals_the_plain_merge(tmp_path):
+    text = ("# site registries: owned by the platform team\n"
+            "mirrors:\n"
+            "  ghcr.io:   # our GitHub cache\n"
+            "    endpoint:\n"
+            "      - \"https://ghcr-cache.example\"\n"
+            "  docker.io:\n"
+            "    endpoint: [\"https://old.example\"]   # replaced by the merge\n"
+            "configs:\n"
+            "  ghcr-cache.example:\n"
+            "    tls:\n"
+            "      cert_file: /etc/ssl/client.pem   # kept\n")
+    out = tmp_path / "registries.yaml"
+    out.write_text(text)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(yaml.safe_load(text)))  # the same document without its comments
+    for f in (out, plain):
+        r = cli("registries-yaml", "--to", "https://harbor.example", "--merge", "-o", str(f))
+        assert r.exit_code == 0, r.stderr
+    merged = out.read_text()
+    for comment in ("# site registries: owned by the platform team", "# our GitHub cache", "# kept"):
+        assert comment in merged
+    assert yaml.safe_load(merged) == yaml.safe_load(plain.read_text())  # the same document either way
+    assert merged.index("ghcr.io") < merged.index("docker.io")  # the file's order
+    assert yaml.safe_load(merged)["mirrors"]["docker.io"]["endpoint"] != ["https://old.example"]
+    assert merged.endswith("# kept\n")
+    r = cli("registries-yaml", "--to", "https://harbor.example", "--merge", "-o", str(out))
+    assert r.exit_code == 0 and out.read_text() == merged  # a second merge changes nothing
+
+
 def test_cli_merge_needs_output():
     r = cli("registries-yaml", "--to", "https://harbor.example", "--merge")
     assert r.exit_code == 2

@@ -136,7 +136,7 @@ def registries_yaml_command(
     node_ca_file: Annotated[Optional[str], typer.Option("--node-ca-file", metavar="PATH", help="Path of the registry's CA certificate ON THE NODES (tls.ca_file).", show_default=False)] = None,
     insecure_skip_verify: Annotated[bool, typer.Option("--insecure-skip-verify", help="Write tls.insecure_skip_verify: true (prefer --node-ca-file).")] = False,
     with_auth: Annotated[bool, typer.Option("--with-auth", help=f"Write auth from ${ENV_USERNAME}/${ENV_PASSWORD} (or ${ENV_IDENTITY_TOKEN}).")] = False,
-    merge: Annotated[bool, typer.Option("--merge", help="Update the existing --output file: other mirrors and configs are kept (its comments are not).")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Update the existing --output file: other mirrors and configs, its comments and order are kept.")] = False,
     system_default_registry: Annotated[bool, typer.Option("--system-default-registry/--no-system-default-registry", help="Pull RKE2's system images from TARGET (config.yaml system-default-registry). --no-system-default-registry: TARGET serves workload images only (and --config-yaml removes the key).")] = True,
     disable_default_endpoint: Annotated[bool, typer.Option("--disable-default-endpoint", help="Also write disable-default-registry-endpoint: true into --config-yaml: containerd then never falls back to a registry's upstream endpoint for the registries listed (RKE2 v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1 and later; RKE2's own runtime-image pull still does).")] = False,
     embedded_registry: Annotated[bool, typer.Option("--embedded-registry", help="Also write embedded-registry: true into --config-yaml (servers): nodes share the images of every mirrored registry with each other (Spegel; RKE2 v1.26.13 / v1.27.10 / v1.28.6 / v1.29.1 and later).")] = False,
@@ -159,8 +159,10 @@ def registries_yaml_command(
     if merge and output is None:
         raise InputError("--merge needs --output PATH (the registries.yaml to update)")
     existing = None
+    existing_text = ""
     if merge and output:
-        existing = node_registries.load_yaml_mapping(read_text(output, "registries.yaml", missing_ok=True), str(output))
+        existing_text = read_text(output, "registries.yaml", missing_ok=True)
+        existing = node_registries.load_yaml_mapping(existing_text, str(output))
         node_registries.Registries.from_dict(existing, str(output))
     auth = credentials_from_env() if with_auth else None
     local_refs, named = local_images(images, required=False)
@@ -183,7 +185,8 @@ def registries_yaml_command(
         keys = [k for k, on in (("disable-default-registry-endpoint", disable_default_endpoint),
                                 ("embedded-registry", embedded_registry)) if on]
         warnings.append(f"no --config-yaml: add {', '.join(f'`{k}: true`' for k in keys)} to the nodes' config.yaml yourself")
-    text = node_writer.dump_registries(doc, cfg)
+    text = (node_writer.merged_registries_text(existing_text, existing, doc, str(output)) if existing else None) \
+        or node_writer.dump_registries(doc, cfg)
     if version is None and system_default_registry:
         warnings.append("RKE2 version unknown (give --release or --rke2-version): written for every supported release")
     if output is None:

@@ -314,6 +314,56 @@ def dump_registries(doc: Mapping, cfg: NodeConfig | None = None) -> str:
     return "\n".join(head) + "\n" + _dump(_quoted(doc))
 
 
+def merged_registries_text(existing_text: str, existing: Mapping, doc: Mapping, origin: str) -> str | None:
+    """`existing_text` (the --merge file) with the entries of `doc` (merge_registries' result) that differ
+    from `existing` set in place: its comments, its order and its other entries kept (a ruamel.yaml round
+    trip; the text passed yamlsafe's bounds when `existing` was read).  None when the file has no document
+    to keep (empty, or only comments): then it is written anew."""
+    if not existing:
+        return None
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError as RuamelError
+
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.width = 4096
+    offset = _sequence_offset(existing_text)
+    rt.indent(mapping=2, sequence=offset + 2, offset=offset)
+    try:
+        out_doc = rt.load(existing_text)
+        for section in ("mirrors", "configs"):
+            new = doc.get(section) or {}
+            old = existing.get(section) or {}
+            changed = {k: v for k, v in new.items() if old.get(k) != v}
+            if not changed:
+                continue
+            if not isinstance(out_doc.get(section), Mapping):
+                out_doc[section] = {}
+            for k, v in changed.items():
+                out_doc[section][_rt_quoted(k, key=True)] = _rt_quoted(v)
+        out = io.StringIO()
+        rt.dump(out_doc, out)
+    except (RuamelError, ValueError, TypeError, RecursionError, AttributeError) as exc:
+        raise InputError(f"{origin}: cannot be merged keeping its comments ({exc.__class__.__name__})") from None
+    text = out.getvalue()
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _rt_quoted(value, key: bool = False):
+    """`_quoted` for a ruamel.yaml round trip: hosts, URLs, patterns and secrets in double quotes."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    if isinstance(value, Mapping):
+        return {_rt_quoted(k, key=True): _rt_quoted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rt_quoted(v) for v in value]
+    if isinstance(value, str):
+        return str(value) if key and value in _STRUCTURAL_KEYS else DoubleQuotedScalarString(value)
+    return value
+
+
 def _quoted(value):
     if isinstance(value, Mapping):
         return {(str(k) if k in _STRUCTURAL_KEYS else _Quoted(k)): _quoted(v) for k, v in value.items()}
