@@ -129,6 +129,21 @@ def test_a_target_with_the_referrers_api_indexes_them_itself(registry_factory, k
         assert not [r for r in front.requests[before:] if r[0] in ("PUT", "POST", "PATCH")]
 
 
+def test_a_target_with_the_api_but_without_the_oci_subject_header_gets_no_tag_schema(registry_factory, key,
+                                                                                      tmp_path):
+    """Registries built on spec 1.1 release candidates serve the API but never say `OCI-Subject`: their own
+    referrers list (asked once per pushed referrer) shows the push was indexed, so no tag schema index."""
+    src, up = registry_factory(name="src"), registry_factory(name="dst")
+    s = _sign_everything(src.url, key)
+    lst = write_list(tmp_path / "images.txt", [REF])
+    with start_referrers_front(up.url, subject_header=False) as front:
+        proc = _mirror(src.url, front.url, lst)
+        assert proc.returncode == 0, proc.stderr
+        assert {d["digest"] for d in front.referrers(REPO, s["image"].digest)} == {s["ref_sig"], s["sbom"], s["att"]}
+        assert not [t for t in list_tags(up.url, REPO) if t.startswith("sha256-") and "." not in t]
+        _verify_both(front.url, REPO, s["image"].digest, key, s["identity"])
+
+
 def test_a_source_with_the_referrers_api_gives_untagged_referrers(registry_factory, key, tmp_path):
     up, dst = registry_factory(name="src"), registry_factory(name="dst")
     with start_referrers_front(up.url) as front:

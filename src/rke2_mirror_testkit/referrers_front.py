@@ -134,6 +134,7 @@ class ReferrersFront:
         page_size: int | None = None,
         ssl_ctx: ssl.SSLContext | None = None,
         include_tag_schema: bool = False,
+        subject_header: bool = True,
     ):
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be >= 1")
@@ -155,6 +156,7 @@ class ReferrersFront:
         self._upstream_ctx: ssl.SSLContext = verify  # type: ignore[assignment]
         self.page_size = page_size
         self.include_tag_schema = include_tag_schema
+        self.subject_header = subject_header  # False: as registries built on spec 1.1 release candidates
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._index: dict[tuple[str, str], dict[str, dict]] = {}  # (name, subject) -> digest -> descriptor
@@ -303,7 +305,7 @@ class _ReferrersHandler(_Handler):
                 return {}
             subject, desc = found
             front._record(name, subject, desc)
-            return {"OCI-Subject": subject}
+            return {"OCI-Subject": subject} if front.subject_header else {}
 
         self._forward([data] if data else None, length=len(data), on_response=record)
 
@@ -520,6 +522,7 @@ def start_referrers_front(
     page_size: int | None = None,
     ssl_ctx: ssl.SSLContext | None = None,
     include_tag_schema: bool = False,
+    subject_header: bool = True,
 ) -> ReferrersFront:
     """Start a referrers front on a free 127.0.0.1 port in front of ``upstream_url`` (a running
     docker-registry; https is checked with ``verify``: a context, a CA file, True for the system
@@ -527,4 +530,4 @@ def start_referrers_front(
     itself serve HTTPS; ``include_tag_schema`` also lists what the upstream's referrers tag schema
     indexes hold (see the module doc).  Use as a context manager or call ``.stop()``."""
     return ReferrersFront(upstream_url, verify=verify, page_size=page_size, ssl_ctx=ssl_ctx,
-                          include_tag_schema=include_tag_schema)
+                          include_tag_schema=include_tag_schema, subject_header=subject_header)

@@ -160,6 +160,10 @@ class RegistryReferrers:
         subject = parse_manifest(media_type or None, raw).subject
         if subject is None or resp.headers.get("oci-subject"):
             return
+        # no OCI-Subject: a registry without the API -- or one that serves it but predates the header
+        # (registries built on spec 1.1 release candidates): its own list says which
+        if self.api is not False and any(d.digest == digest for d in self._api(repo, subject.digest, None) or ()):
+            return
         self.add_to_index(repo, subject.digest, referrer_descriptor(media_type, raw, digest))
 
     def add_to_index(self, repo: str, subject: str, desc: Descriptor) -> None:
