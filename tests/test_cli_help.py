@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from rke2_mirror.cli.app import app
 
 runner = CliRunner()
-COMMANDS = ["mirror", "list", "diff", "registries-yaml", "verify", "save", "load", "inspect", "sync"]
+COMMANDS = ["mirror", "list", "diff", "registries-yaml", "verify", "save", "load", "inspect", "extract", "sync"]
 TYPE_PLACEHOLDER = re.compile(r"<(?:str|list|int|float|path|bool|text|file|dir|choice|rke2\|)[^>]*>")
 
 

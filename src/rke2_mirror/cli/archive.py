@@ -321,9 +321,9 @@ def extract_command(
                                      "(INSTALL_RKE2_ARTIFACT_PATH).")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an archive's install files into DIR, for INSTALL_RKE2_ARTIFACT_PATH.
+    """Write an archive's RKE2 install files into a directory.
 
-    Flat: rke2.linux-<arch>.tar.gz, sha256sum-<arch>.txt, install.sh, each hashed again (and checked
+    For INSTALL_RKE2_ARTIFACT_PATH, flat: rke2.linux-<arch>.tar.gz, sha256sum-<arch>.txt, install.sh, each hashed again (and checked
     against the sha256sum file) and written whole or not at all."""
     with ociarchive.ArchiveReader(file) as reader:
         res = artifacts_job.extract(reader, to, log=stderr_log)

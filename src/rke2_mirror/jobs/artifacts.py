@@ -1,0 +1,187 @@
+"""Charts and install files as copies like any image: fetched and verified first (releases.download), served
+as small OCI graphs by an `ArtifactSource` (OCI charts: by their registry, through the source router), and
+copied by the same engine to whatever destination the command has.  `extract` writes an archive's files
+into a directory laid out for INSTALL_RKE2_ARTIFACT_PATH, each hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rke2_mirror.endpoints.artifacts import ArtifactLocator, ArtifactSource
+from rke2_mirror.endpoints.ociarchive import ArchiveReader
+from rke2_mirror.engine.copy import CopyTask
+from rke2_mirror.files import _fsync_dir, read_capped
+from rke2_mirror.model.artifacts import (CHARTS_PREFIX, FILES_REPOSITORY, LOCAL_REGISTRY, ChartSpec, content_kind,
+                                         file_entries, oci_tag)
+from rke2_mirror.model.errors import ArchiveError, DigestMismatch, InputError, MirrorError
+from rke2_mirror.model.oci import parse_manifest
+from rke2_mirror.model.reference import ImageRef, RegistryURL, target_ref
+from rke2_mirror.releases.download import fetch_chart, fetch_install_files
+from rke2_mirror.releases.source import ReleaseSource
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class InstallFiles:
+    """`--install-files`: RKE2 `version`'s install files for `arch`."""
+
+    source: ReleaseSource
+    version: str
+    arch: str
+    install_script: str
+
+
+@dataclass
+class Prepared:
+    """What joins a copy besides the images: (source reference, name in an archive) pairs, and the source
+    serving those fetched over HTTP."""
+
+    source: ArtifactSource = field(default_factory=ArtifactSource)
+    pairs: list[tuple[ImageRef, ImageRef]] = field(default_factory=list)
+    registry_refs: list[ImageRef] = field(default_factory=list)  # OCI charts: read from their registry
+
+    def locator(self, fallback) -> ArtifactLocator:
+        return ArtifactLocator(self.source, fallback)
+
+    def save_tasks(self) -> list[CopyTask]:
+        return [CopyTask(src, name) for src, name in self.pairs]
+
+    def mirror_tasks(self, target: RegistryURL) -> list[CopyTask]:
+        return [CopyTask(src, target_ref(name, target)) for src, name in self.pairs]
+
+
+def chart_name(spec: ChartSpec) -> ImageRef:
+    """Where a chart goes: charts/NAME:VERSION (under the target's prefix, `rke2-mirror.local/` in an archive)."""
+    return ImageRef(LOCAL_REGISTRY, f"{CHARTS_PREFIX}/{spec.name}", spec.tag)
+
+
+def files_name(version: str, arch: str) -> ImageRef:
+    return ImageRef(LOCAL_REGISTRY, FILES_REPOSITORY, oci_tag(f"{version}-{arch}"))
+
+
+def prepare(charts: Sequence[ChartSpec], install: Sequence[InstallFiles], client, work: Path,
+            log: Log = lambda s: None) -> Prepared:
+    """Fetch and verify every HTTP chart and the install files into `work` (a directory that lives as
+    long as the copy); OCI charts are only named (the copy reads them from their registry)."""
+    out = Prepared()
+    for spec in charts:
+        name = chart_name(spec)
+        if spec.oci_ref is not None:
+            ref = ImageRef.parse(spec.oci_ref)
+            out.pairs.append((ref, name))
+            out.registry_refs.append(ref)
+            continue
+        if client is None:
+            raise InputError(f"--chart {spec.text}: a chart repository cannot be read --offline")
+        got = fetch_chart(client, spec, work, log)
+        out.pairs.append((out.source.add_chart(name, got.tgz, got.chart_yaml), name))
+    for one in install:
+        d = work / f"files-{one.arch}"
+        d.mkdir(exist_ok=True)
+        files = fetch_install_files(one.source, one.version, one.arch, client, d, one.install_script, log)
+        name = files_name(one.version, one.arch)
+        out.source.add_files(name, files, annotations={"io.rke2-mirror.release": one.version,
+                                                       "io.rke2-mirror.arch": one.arch})
+        out.pairs.append((name, name))
+    return out
+
+
+# --------------------------------------------------------------------------- extract
+
+
+@dataclass
+class Extracted:
+    files: list[dict] = field(default_factory=list)  # name, path, sha256, size, entry
+
+
+def extract(reader: ArchiveReader, to: Path, *, log: Log = lambda s: None) -> Extracted:
+    """Every file of the archive's files artifacts into `to` (flat), each streamed to an O_EXCL temp file,
+    hashed, then renamed into place; a title that is not one plain file name refuses the archive before
+    anything is written.  The files a sha256sum-*.txt among them names are checked against it too."""
+    plan: dict[str, tuple[str, dict]] = {}
+    for img in reader.images:
+        try:
+            desc, raw = reader.get_manifest(img.ref.name, img.descriptor.digest)
+            m = parse_manifest(desc.media_type or None, raw)
+        except MirrorError:
+            continue
+        if content_kind(m) != "files":
+            continue
+        for f, layer in zip(file_entries(m), m.layers, strict=True):
+            if f["name"] is None:
+                raise ArchiveError(f"{reader.label}: {img.ref}: file title {str(f['title'])[:80]!r} is not a plain "
+                                   "file name; refused (nothing written)")
+            if f["verified_sha256"] and f"sha256:{f['verified_sha256']}" != layer.digest:
+                raise ArchiveError(f"{reader.label}: {img.ref}: {f['name']} is {layer.digest}, but was verified as "
+                                   f"sha256:{f['verified_sha256']}; refused")
+            prev = plan.get(f["name"])
+            if prev is not None and prev[1]["digest"] != f["digest"]:
+                raise InputError(f"{reader.label}: two different files named {f['name']} ({prev[0]} and {img.ref}); "
+                                 "extract writes one directory per release and arch")
+            plan[f["name"]] = (str(img.ref), {**f, "layer": layer, "repo": img.ref.name})
+    if not plan:
+        raise InputError(f"{reader.label} holds no install files (save --install-files puts them there)")
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {to}: {exc.strerror or exc}") from None
+    out = Extracted()
+    for name, (entry, f) in sorted(plan.items()):
+        sha = _write_blob(reader, f["repo"], f["layer"], to / name)
+        out.files.append({"name": name, "path": str(to / name), "sha256": sha, "size": f["size"], "entry": entry})
+        log(f"{to / name}: sha256 {sha[:12]} checked")
+    _check_against_sums(to, out, log)
+    return out
+
+
+def _write_blob(reader: ArchiveReader, repo: str, desc, path: Path) -> str:
+    h = hashlib.sha256()
+    n = 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise InputError(f"cannot write {tmp}: {exc.strerror or exc}") from None
+    done = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with reader.open_blob(repo, desc) as chunks:
+                for data in chunks:
+                    h.update(data)
+                    n += len(data)
+                    f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if n != desc.size or f"sha256:{h.hexdigest()}" != desc.digest:
+            raise DigestMismatch(f"{path.name} in {reader.label}: {n} bytes hashing to sha256:{h.hexdigest()}, "
+                                 f"expected {desc.size} bytes, {desc.digest} (corrupt archive); not written")
+        os.replace(tmp, path)
+        done = True
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if not done:
+            tmp.unlink(missing_ok=True)
+    return h.hexdigest()
+
+
+def _check_against_sums(to: Path, out: Extracted, log: Log) -> None:
+    from rke2_mirror.releases.lists import parse_checksums
+    have = {f["name"]: f["sha256"] for f in out.files}
+    for f in out.files:
+        if not (f["name"].startswith("sha256sum-") and f["name"].endswith(".txt")):
+            continue
+        raw = read_capped(to / f["name"], 1024 * 1024, "a checksum file")
+        sums = parse_checksums(raw.decode("utf-8", errors="replace"), f["path"])
+        for name, sha in have.items():
+            if name in sums and sums[name] != sha:
+                raise DigestMismatch(f"{to / name}: sha256 {sha}, but {f['name']} says {sums[name]}")
+            if name in sums:
+                log(f"{name} matches {f['name']}")
