@@ -217,3 +217,105 @@ def test_extract_refuses_a_hostile_title(tmp_path, title):
     assert proc.returncode != 0
     assert "not a plain file name" in proc.stderr, proc.stderr
     assert not (tmp_path / "d" / "x").exists() and not dest.exists()
+
+
+def test_chart_images_join_the_image_set_and_kinds_are_counted(registry_factory, tmp_path):
+    """A chart that declares two images (artifacthub.io/images): save/mirror --chart copy them too, once
+    each with the image list that names one of them; --no-chart-images leaves them out; the JSON summary
+    counts images, charts and files apart."""
+    src = registry_factory(name="chartimg-src")
+    dst = registry_factory(name="chartimg-dst")
+    host = src.url.split("://", 1)[1]
+    base = make_layer_blob("chartimg-base", 10_000)
+    with ImagePusher(src.url) as p:
+        for name, tag in (("team/app-a", "1.0"), ("team/app-b", "2.0")):
+            push_image(p, name, tag, base=base, seed=name, layer_sizes=(1_000,), platforms=(("linux", "amd64"),))
+    listed = tmp_path / "images.txt"
+    listed.write_text(f"{host}/team/app-a:1.0\n")
+    with start_chart_repo() as repo:
+        repo.add_chart("webapp", "1.2.0", images=[f"{host}/team/app-a:1.0", f"{host}/team/app-b:2.0"])
+        args = ["--chart", f"{repo.url}/webapp@1.2.0", "--source-endpoint", f"{host}={src.url}"]
+        out = tmp_path / "web.tar"
+        proc = run_cli("save", "-o", str(out), "--images", str(listed), *args, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert "chart webapp 1.2.0: 2 image(s) declared (artifacthub.io/images)" in proc.stderr
+        assert "charts' images: 2 declared, 1 not already in the image set" in proc.stderr
+        summary = json.loads(proc.stdout)["summary"]
+        assert summary["total"] == 3
+        assert summary["kinds"]["image"]["total"] == 2 and summary["kinds"]["image"]["copied"] == 2
+        assert summary["kinds"]["chart"] == {"total": 1, "copied": 1, "skipped": 0, "failed": 0}
+        assert summary["kinds"]["files"]["total"] == 0
+        doc = json.loads(run_cli("inspect", str(out), "--json").stdout)
+        assert doc["counts"] == {"image": 2, "chart": 1, "files": 0}
+
+        proc = run_cli("mirror", "--to", f"{dst.url}/m", *args, "--no-chart-images", "--json")
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)["summary"]
+        assert summary["total"] == 1 and summary["kinds"]["chart"]["copied"] == 1, summary
+        proc = run_cli("mirror", "--to", f"{dst.url}/m", *args, "--json")
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)["summary"]
+        assert summary["kinds"]["image"]["copied"] == 2 and summary["kinds"]["chart"]["skipped"] == 1, summary
+        read_manifest(dst.url, "m/team/app-b", "2.0")
+
+
+def test_declared_images_annotation_is_read_bounded():
+    from rke2_mirror.jobs.artifacts import declared_images
+    ok = {"annotations": {"artifacthub.io/images": "- name: a\n  image: quay.io/x/a:1\n  platforms: [linux/amd64]\n"
+                                                   "- name: a2\n  image: quay.io/x/a:1\n- name: b\n  image: b:2\n"}}
+    assert [str(r) for r in declared_images(ok, "c")] == ["quay.io/x/a:1", "docker.io/library/b:2"]
+    assert declared_images({"name": "x"}, "c") == []
+    for bad in ("{a: 1}", "- name: a\n", "- image: 'UPPER CASE!'\n", "&a [*a, *a", 5):
+        with pytest.raises(InputError) as exc:
+            declared_images({"annotations": {"artifacthub.io/images": bad}}, "chart c 1")
+        assert "chart c 1" in str(exc.value) and "--no-chart-images" in str(exc.value)
+
+
+def test_sync_copies_charts_install_files_and_chart_images(release_with_files, registry_factory, tmp_path):
+    """sync: `charts:` and `install_files: true` go to the target with the images; the report and the textfile
+    count each kind; --check-config refuses a bad chart string offline, naming the line."""
+    import yaml
+    src, env, files = release_with_files
+    dst = registry_factory(name="sync-artifacts-dst")
+    (tmp_path / "install.sh").write_text("#!/bin/sh\necho install rke2\n")
+    core = next(l.strip() for l in (LISTS / "rke2" / VERSION / "rke2-images-core.linux-amd64.txt").read_text()
+                .splitlines() if l.strip() and not l.startswith("#"))
+    with start_chart_repo() as repo:
+        repo.add_chart("webapp", "1.2.0", images=[core])
+        doc = {"version": 1, "target": {"url": f"{dst.url}/site"},
+               "releases": [{"versions": [VERSION], "flavors": ["core"], "arches": ["amd64"],
+                             "release_url": env["RKE2_MIRROR_RELEASE_URL"],
+                             "channel_url": env["RKE2_MIRROR_CHANNEL_URL"],
+                             "install_files": True, "install_script": "install.sh"}],
+               "charts": [f"{repo.url}/webapp@1.2.0"],
+               "sources": {"endpoints": {"docker.io": src.url}}, "lists_dir": "cache",
+               "outputs": {"report": "out/report.json", "textfile": "out/rke2_mirror.prom"}}
+        config = tmp_path / "sync.yaml"
+        config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert run_cli("sync", str(config), "--check-config").returncode == 0
+        proc = run_cli("sync", str(config), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "charts' images: 1 declared, 0 not already in the image set" in proc.stderr
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+        kinds = report["summary"]["kinds"]
+        assert kinds["chart"]["copied"] == 1 and kinds["files"]["copied"] == 1 and kinds["image"]["failed"] == 0
+        assert kinds["image"]["total"] == report["summary"]["total"] - 2
+        assert {r["name"] for r in report["releases"]} >= {"charts", "install files"}
+        prom = (tmp_path / "out" / "rke2_mirror.prom").read_text()
+        assert 'rke2_mirror_kind_copied{config="sync",kind="chart"} 1' in prom
+        assert 'rke2_mirror_kind_copied{config="sync",kind="files"} 1' in prom
+        _, layer = chart_manifest(dst.url, "site/charts/webapp", "1.2.0")
+        assert layer == build_chart("webapp", "1.2.0", images=[core])
+        _, raw, _ = read_manifest(dst.url, "site/files/rke2", "v1.28.9_rke2r1-amd64")
+        titles = {l["annotations"]["org.opencontainers.image.title"]: l["digest"] for l in json.loads(raw)["layers"]}
+        assert titles["rke2.linux-amd64.tar.gz"] == "sha256:" + sha(files["rke2.linux-amd64.tar.gz"])
+        # a rerun: everything in place
+        proc = run_cli("sync", str(config), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        kinds = json.loads((tmp_path / "out" / "report.json").read_text())["summary"]["kinds"]
+        assert kinds["chart"]["skipped"] == 1 and kinds["files"]["skipped"] == 1 and kinds["image"]["copied"] == 0
+
+    doc["charts"] = ["https://charts.example.com/cert-manager"]  # no @VERSION
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = run_cli("sync", str(config), "--check-config")
+    assert proc.returncode == 2 and "charts: [0]:" in proc.stderr and "sync.yaml:" in proc.stderr, proc.stderr

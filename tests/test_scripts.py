@@ -543,7 +543,7 @@ def test_demo_prints_what_an_operator_types_and_keeps_the_registries_until_enter
         commands = [l.split()[2] + (" --dry-run" if "--dry-run" in l else "") + (" --for-node" if "--for-node" in l else "")
                     for l in shell if l.startswith("$ rke2-mirror ")]
         promised = ["list", "mirror", "mirror --dry-run", "mirror", "registries-yaml", "verify", "save", "inspect", "load",
-                    "save --for-node", "inspect"]
+                    "save --for-node", "inspect", "save", "inspect", "extract"]
         assert commands == promised
         # the demo's --help promises the same steps, in the same order
         help_text = " ".join(subprocess.run([sys.executable, "-m", "rke2_mirror_testkit.demo", "--help"],
@@ -563,6 +563,10 @@ def test_demo_prints_what_an_operator_types_and_keeps_the_registries_until_enter
         assert "getHostConfigs" not in transcript and "hosts.toml" not in transcript
         assert "copied once, with whichever image reached it first" in transcript
         assert "keep running" in transcript
+        # the whole payload: a chart (its declared image already in the set) and the install files, written out
+        assert "charts' images: 1 declared, 0 not already in the image set" in transcript
+        assert "contents: 19 images, 1 chart(s), 1 file set(s)" in transcript
+        assert "rke2.linux-amd64.tar.gz matches sha256sum-amd64.txt" in transcript
 
         # while it waits: the printed lines, pasted into a shell, run against the registries still there
         setup = [l[2:] for l in shell if l.startswith(("$ cd ", "$ export "))]

@@ -184,7 +184,7 @@ releases:
      "strict_auth_realm)"),
     (GOOD + "  - versions: [v1.28.9+rke2r1]\n    chanels: [latest]\n",
      "config.yaml:7: unknown key 'releases[1].chanels' (known: product, channels, versions, arches, flavors, "
-     "release_url, channel_url, offline)"),
+     "release_url, channel_url, offline, install_files, install_script)"),
     (GOOD.replace("version: 1", "version: 2"), "config.yaml:1: unsupported config version 2: this rke2-mirror reads version 1"),
     (GOOD.replace("version: 1\n", ""), "config.yaml:1: missing 'version: 1' (the config format version)"),
     (GOOD.replace("version: 1", "version: '1'"), "config.yaml:1: unsupported config version '1'"),

@@ -11,7 +11,10 @@
    `export` lines they need) before its output: list, mirror, mirror --dry-run (what another run would
    copy: nothing), the same mirror again (nothing copied), registries-yaml, verify, then save, inspect
    and load through one archive into a fresh registry, and `save --for-node`: a tarball for a node's
-   agent/images directory, and what `inspect` says a node will find in it.
+   agent/images directory, and what `inspect` says a node will find in it;
+4. the rest of the air-gap payload: `save` with a Helm chart from a local chart repository (its declared
+   images join the image set) and the release's install files, `inspect` showing them, and `extract`
+   writing the files into a directory for INSTALL_RKE2_ARTIFACT_PATH (each hashed again).
 
 --keep keeps the work directory and, on a terminal, the local registries and release server until you
 press Enter, so the printed commands can be run again from another shell.
@@ -31,10 +34,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rke2_mirror_testkit.chart_repo import start_chart_repo
 from rke2_mirror_testkit.images import ImagePusher, make_layer_blob, push_image
 from rke2_mirror_testkit.pki import make_ca
 from rke2_mirror_testkit.registry_proc import start_registry
-from rke2_mirror_testkit.release_server import start_release_server
+from rke2_mirror_testkit.release_server import add_install_files, start_release_server
 from rke2_mirror_testkit.tokenserver import default_users, start_harbor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="rke2-mirror-demo-"))
     stack: list = []
     try:
-        lists = _lists_root()
+        lists = work / "lists"  # the release's lists, and its install files (generated) beside them
+        shutil.copytree(_lists_root() / "rke2" / CHANNEL_VERSION, lists / "rke2" / CHANNEL_VERSION)
+        add_install_files(lists / "rke2" / CHANNEL_VERSION, "amd64")
         _say("starting a local release server, a source registry (as docker.io) and a Harbor look-alike")
         releases = start_release_server(lists, {"rke2": {"stable": CHANNEL_VERSION, "latest": CHANNEL_VERSION}})
         stack.append(releases)
+        charts = start_chart_repo()
+        stack.append(charts)
         src = start_registry(work / "dockerhub")
         stack.append(src)
         ca = make_ca(work / "ca")
@@ -201,9 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         sh.run(["save", "--for-node", "--release", "stable", "--platform", "linux/amd64",
                 "--system-default-registry", harbor.url.split("://", 1)[1], "--output", node_tar, *common])
         sh.run(["inspect", node_tar], only=("archive:", "contents:", "node:"))
+        _say("9. the whole payload: a Helm chart (and the images it declares) and RKE2's install files too")
+        charts.add_chart("demo-app", "1.0.0", images=[refs[0]])
+        print(f"(a local chart repository at {charts.url} holds demo-app 1.0.0, which declares one image of the "
+              "release; install.sh stands for https://get.rke2.io)")
+        (work / "install.sh").write_text("#!/bin/sh\necho 'install rke2 from INSTALL_RKE2_ARTIFACT_PATH'\n")
+        payload = "airgap.tar"
+        sh.run(["save", "--release", "stable", "--arch", "amd64", "--chart", f"{charts.url}/demo-app@1.0.0",
+                "--install-files", "--install-script", "install.sh", "--output", payload, *common])
+        sh.run(["inspect", payload], only=("archive:", "contents:", "IMAGE", "rke2-mirror.local/", "  ↳"))
+        sh.run(["extract", payload, "--to", "artifacts"])
         _say("done")
         print(f"rke2 {CHANNEL_VERSION}: listed, mirrored into Harbor, checked with a dry run, node files written and "
-              "verified, saved to an archive and loaded across the gap, and a node tarball written.")
+              "verified, saved to an archive and loaded across the gap, a node tarball written, and a chart and the "
+              "install files carried in an archive and written out for INSTALL_RKE2_ARTIFACT_PATH.")
         _hold_or_stop(args.keep, sys.stdin.isatty())
         return 0
     finally:

@@ -15,7 +15,7 @@ from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, REFERRERS, RELEAS
                                      TARGET_TLS, CopyTuning,
                                      ImageLists, JsonOpt, PlatformOpt, PublicProjectsOpt, ReleaseOptions, ReportOutput, ToOpt,
                                      options, parse_platforms)
-from rke2_mirror.cli.artifacts import ChartOpt, InstallFilesOpt, InstallScriptOpt, prepared
+from rke2_mirror.cli.artifacts import ChartImagesOpt, ChartOpt, InstallFilesOpt, InstallScriptOpt, prepared
 from rke2_mirror.cli.signals import interrupts
 from rke2_mirror.cli.util import LazyModule, stderr_log
 from rke2_mirror.jobs.common import SourceOptions, TLSOptions
@@ -177,6 +177,7 @@ def save_command(
     tuning: CopyTuning,
     out: ReportOutput,
     chart: ChartOpt = [],  # noqa: B006 - typer's default
+    chart_images: ChartImagesOpt = True,
     install_files: InstallFilesOpt = False,
     install_script: InstallScriptOpt = None,
 ) -> None:
@@ -203,7 +204,9 @@ def save_command(
         only_artifacts = bool(chart) and not images.files and not images.releases
         refs = [] if only_artifacts else gather_images(images, lists, digests=published)
         since_spec = resolve_since(since, lists) if since else None
-        with prepared(chart, install_files, install_script, images, lists, output.parent) as artifacts:
+        with prepared(chart, install_files, install_script, images, lists, output.parent,
+                      chart_images=chart_images) as artifacts:
+            refs = artifacts_job.join_images(refs, artifacts, stderr_log)  # the charts' declared images
             progress = CliProgress()
             try:
                 res = save_job.save(refs, output, source=source, options=opts, split=split_bytes, since=since_spec,

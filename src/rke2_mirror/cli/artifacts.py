@@ -26,6 +26,10 @@ ChartOpt = Annotated[list[str], typer.Option(
     help="A Helm chart to copy too, stored as Helm stores charts in OCI registries (charts/NAME:VERSION under "
          "the target): https://REPO/NAME@VERSION (a chart repository: index.yaml, digest checked) or "
          "oci://HOST/PATH/NAME:VERSION (repeatable).")]
+ChartImagesOpt = Annotated[bool, typer.Option(
+    "--chart-images/--no-chart-images",
+    help="Also copy the images a --chart declares (Chart.yaml's artifacthub.io/images annotation), "
+         "de-duplicated with the other images.")]
 InstallFilesOpt = Annotated[bool, typer.Option(
     "--install-files",
     help="Also store the --release's install files (rke2.linux-<arch>.tar.gz, sha256sum-<arch>.txt, install.sh) "
@@ -37,9 +41,10 @@ InstallScriptOpt = Annotated[Optional[str], typer.Option(
 
 @contextmanager
 def prepared(charts: Sequence[str], install_files: bool, install_script: str | None, images: ImageLists,
-             lists: ReleaseOptions, where: Path | None = None) -> Iterator[object]:
+             lists: ReleaseOptions, where: Path | None = None, *, chart_images: bool = True) -> Iterator[object]:
     """The charts and install files asked for, fetched and verified into a temporary directory (beside
-    `where` when given) that lives as long as the block; None when neither was asked for."""
+    `where` when given) that lives as long as the block; None when neither was asked for.  With
+    `chart_images`, its `images` are the images the charts declare."""
     specs = [model_artifacts.parse_chart_spec(c) for c in charts]
     if install_script and not install_files:
         raise InputError("--install-script goes with --install-files")
@@ -58,7 +63,7 @@ def prepared(charts: Sequence[str], install_files: bool, install_script: str | N
                 for arch in lists.arches:
                     install.append(artifacts_job.InstallFiles(source, version, arch,
                                                               install_script or download_mod.DEFAULT_INSTALL_SCRIPT))
-        yield artifacts_job.prepare(specs, install, client, Path(tmp), stderr_log)
+        yield artifacts_job.prepare(specs, install, client, Path(tmp), stderr_log, chart_images=chart_images)
 
 
 @contextmanager
@@ -66,4 +71,4 @@ def _none() -> Iterator[None]:
     yield None
 
 
-__all__ = ["ChartOpt", "InstallFilesOpt", "InstallScriptOpt", "prepared"]
+__all__ = ["ChartImagesOpt", "ChartOpt", "InstallFilesOpt", "InstallScriptOpt", "prepared"]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 import rke2_mirror.jobs.mirror as mirror_job
-from rke2_mirror.cli.artifacts import ChartOpt, prepared
+from rke2_mirror.cli.artifacts import ChartImagesOpt, ChartOpt, artifacts_job, prepared
 from rke2_mirror.cli.base import CliProgress, app, copy_options, finish, gather_images, run_command
 from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, REFERRERS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE, TARGET_TLS, CopyTuning,
                                      ImageLists, MaxRpsOpt, PlatformOpt, PublicProjectsOpt, PullFloorOpt, ReleaseOptions,
@@ -29,7 +29,8 @@ def mirror(*, to: ToOpt, images: ImageLists, lists: ReleaseOptions, tls: TLSOpti
            platform: PlatformOpt = [], referrers: ReferrerFilter | None,  # noqa: B006 - typer's default
            public_projects: PublicProjectsOpt = False, dry_run: DryRunOpt = False, tuning: CopyTuning,
            max_rps: MaxRpsOpt = None, pull_floor: PullFloorOpt = 0, shard: ShardOpt = None,
-           out: ReportOutput, chart: ChartOpt = []) -> None:  # noqa: B006 - typer's default
+           out: ReportOutput, chart: ChartOpt = [],  # noqa: B006 - typer's default
+           chart_images: ChartImagesOpt = True) -> None:
     """Copy every image registry -> registry, digests preserved."""
     target = RegistryURL.parse(to, what="--to")
     source = with_strict_auth_realm(source, tls)
@@ -38,7 +39,8 @@ def mirror(*, to: ToOpt, images: ImageLists, lists: ReleaseOptions, tls: TLSOpti
         published: dict = {}  # digests the releases publish (rancher): each copy is checked against them
         only_charts = bool(chart) and not images.files and not images.releases
         refs = [] if only_charts else apply_shard(gather_images(images, lists, digests=published), shard, stderr_log)
-        with prepared(chart, False, None, images, lists) as artifacts:
+        with prepared(chart, False, None, images, lists, chart_images=chart_images) as artifacts:
+            refs = artifacts_job.join_images(refs, artifacts, stderr_log)  # the charts' declared images
             progress = CliProgress()
             try:
                 report = mirror_job.mirror(refs, target, target_tls=tls, source=source, options=opts,

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from rke2_mirror import yamlsafe
 from rke2_mirror.endpoints.artifacts import ArtifactLocator, ArtifactSource
 from rke2_mirror.endpoints.ociarchive import ArchiveReader
-from rke2_mirror.engine.copy import CopyTask
+from rke2_mirror.engine.copy import NOT_IN_PLACE, CopyTask, ImageResult, Report
 from rke2_mirror.files import _fsync_dir, read_capped
 from rke2_mirror.model.artifacts import (CHARTS_PREFIX, FILES_REPOSITORY, LOCAL_REGISTRY, ChartSpec, content_kind,
                                          file_entries, oci_tag)
 from rke2_mirror.model.errors import ArchiveError, DigestMismatch, InputError, MirrorError
 from rke2_mirror.model.oci import parse_manifest
-from rke2_mirror.model.reference import ImageRef, RegistryURL, target_ref
+from rke2_mirror.model.reference import ImageRef, RegistryURL, merge_refs, target_ref
 from rke2_mirror.releases.download import fetch_chart, fetch_install_files
 from rke2_mirror.releases.source import ReleaseSource
 
@@ -45,15 +46,64 @@ class Prepared:
     source: ArtifactSource = field(default_factory=ArtifactSource)
     pairs: list[tuple[ImageRef, ImageRef]] = field(default_factory=list)
     registry_refs: list[ImageRef] = field(default_factory=list)  # OCI charts: read from their registry
+    kinds: dict[ImageRef, str] = field(default_factory=dict)  # name -> "chart" | "files"
+    images: list[ImageRef] = field(default_factory=list)  # the charts' declared images (artifacthub.io/images)
+    # the targets of the tasks made so far -> their kind (the engine's results name their target)
+    target_kinds: dict[str, str] = field(default_factory=dict)
 
     def locator(self, fallback) -> ArtifactLocator:
         return ArtifactLocator(self.source, fallback)
 
     def save_tasks(self) -> list[CopyTask]:
-        return [CopyTask(src, name) for src, name in self.pairs]
+        return [self._task(src, name, name) for src, name in self.pairs]
 
     def mirror_tasks(self, target: RegistryURL) -> list[CopyTask]:
-        return [CopyTask(src, target_ref(name, target)) for src, name in self.pairs]
+        return [self._task(src, name, target_ref(name, target)) for src, name in self.pairs]
+
+    def _task(self, src: ImageRef, name: ImageRef, dst: ImageRef) -> CopyTask:
+        self.target_kinds[str(dst)] = self.kinds.get(name, "chart")
+        return CopyTask(src, dst)
+
+    def with_kinds(self, report: Report) -> Report:
+        """`report` as a KindReport: its summary counts images, charts and files apart."""
+        return KindReport.of(report, self.target_kinds)
+
+
+KINDS = ("image", "chart", "files")
+
+
+def kind_summary(results: Sequence[ImageResult], target_kinds: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Per kind (image, chart, files): total, copied, skipped, failed (anything not in place)."""
+    out = {k: {"total": 0, "copied": 0, "skipped": 0, "failed": 0} for k in KINDS}
+    for r in results:
+        c = out[target_kinds.get(r.target, "image")]
+        c["total"] += 1
+        if r.status in ("copied", "skipped"):
+            c[r.status] += 1
+        elif r.status in NOT_IN_PLACE or r.status == "missing":
+            c["failed"] += 1
+    return out
+
+
+@dataclass
+class KindReport(Report):
+    """A copy's report that knows which results are charts and files (by their target); its JSON summary
+    gains `kinds`: {image|chart|files: {total, copied, skipped, failed}}."""
+
+    target_kinds: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, report: Report, target_kinds: Mapping[str, str]) -> "KindReport":
+        base = {f.name: getattr(report, f.name) for f in fields(Report)}
+        return cls(**base, target_kinds=dict(target_kinds))
+
+    def kind_summary(self) -> dict[str, dict[str, int]]:
+        return kind_summary(self.images, self.target_kinds)
+
+    def to_json(self) -> dict:
+        doc = super().to_json()
+        doc["summary"]["kinds"] = self.kind_summary()
+        return doc
 
 
 def chart_name(spec: ChartSpec) -> ImageRef:
@@ -65,13 +115,59 @@ def files_name(version: str, arch: str) -> ImageRef:
     return ImageRef(LOCAL_REGISTRY, FILES_REPOSITORY, oci_tag(f"{version}-{arch}"))
 
 
+IMAGES_ANNOTATION = "artifacthub.io/images"
+IMAGES_ANNOTATION_MAX_BYTES = 256 * 1024
+
+
+def declared_images(chart_yaml: dict, origin: str) -> list[ImageRef]:
+    """The images a chart declares in Chart.yaml's `artifacthub.io/images` annotation (a YAML list of
+    {name, image, platforms?} in a string, read bounded); [] when it declares none.  One InputError for an
+    annotation that is not such a list or names an image that is not a reference."""
+    ann = chart_yaml.get("annotations")
+    text = ann.get(IMAGES_ANNOTATION) if isinstance(ann, dict) else None
+    if text is None:
+        return []
+    hint = " (--no-chart-images leaves a chart's images out)"
+    if not isinstance(text, str):
+        raise InputError(f"{origin}: annotation {IMAGES_ANNOTATION} is not a string{hint}")
+    try:
+        doc = yamlsafe.load(text, limit=IMAGES_ANNOTATION_MAX_BYTES, max_nodes=20_000)
+    except yamlsafe.YAMLRefused as exc:
+        raise InputError(exc.describe(f"{origin}: annotation {IMAGES_ANNOTATION}") + hint) from None
+    if doc is None:
+        return []
+    if not isinstance(doc, list):
+        raise InputError(f"{origin}: annotation {IMAGES_ANNOTATION} is not a list of {{name, image}}{hint}")
+    out: list[ImageRef] = []
+    for i, item in enumerate(doc):
+        image = item.get("image") if isinstance(item, dict) else None
+        if not isinstance(image, str) or not image.strip():
+            raise InputError(f"{origin}: annotation {IMAGES_ANNOTATION}, entry {i + 1}: no 'image'{hint}")
+        try:
+            out.append(ImageRef.parse(image.strip()))
+        except InputError as exc:
+            raise InputError(f"{origin}: annotation {IMAGES_ANNOTATION}, entry {i + 1}: {exc}{hint}") from None
+    return merge_refs(out)
+
+
+def join_images(refs: Sequence[ImageRef], prepared: "Prepared | None", log: Log = lambda s: None) -> list[ImageRef]:
+    """`refs` and the charts' declared images, de-duplicated (first occurrence kept); says how many are new."""
+    if prepared is None or not prepared.images:
+        return list(refs)
+    out = merge_refs(list(refs), prepared.images)
+    log(f"charts' images: {len(prepared.images)} declared, {len(out) - len(refs)} not already in the image set")
+    return out
+
+
 def prepare(charts: Sequence[ChartSpec], install: Sequence[InstallFiles], client, work: Path,
-            log: Log = lambda s: None) -> Prepared:
+            log: Log = lambda s: None, *, chart_images: bool = True) -> Prepared:
     """Fetch and verify every HTTP chart and the install files into `work` (a directory that lives as
-    long as the copy); OCI charts are only named (the copy reads them from their registry)."""
+    long as the copy); OCI charts are only named (the copy reads them from their registry).  With
+    `chart_images`, the images an HTTP chart declares (artifacthub.io/images) are in `images`."""
     out = Prepared()
     for spec in charts:
         name = chart_name(spec)
+        out.kinds[name] = "chart"
         if spec.oci_ref is not None:
             ref = ImageRef.parse(spec.oci_ref)
             out.pairs.append((ref, name))
@@ -81,6 +177,11 @@ def prepare(charts: Sequence[ChartSpec], install: Sequence[InstallFiles], client
             raise InputError(f"--chart {spec.text}: a chart repository cannot be read --offline")
         got = fetch_chart(client, spec, work, log)
         out.pairs.append((out.source.add_chart(name, got.tgz, got.chart_yaml), name))
+        if chart_images:
+            imgs = declared_images(got.chart_yaml, f"chart {spec.name} {spec.version}")
+            if imgs:
+                log(f"chart {spec.name} {spec.version}: {len(imgs)} image(s) declared ({IMAGES_ANNOTATION})")
+            out.images = merge_refs(out.images, imgs)
     for one in install:
         d = work / f"files-{one.arch}"
         d.mkdir(exist_ok=True)
@@ -89,6 +190,7 @@ def prepare(charts: Sequence[ChartSpec], install: Sequence[InstallFiles], client
         out.source.add_files(name, files, annotations={"io.rke2-mirror.release": one.version,
                                                        "io.rke2-mirror.arch": one.arch})
         out.pairs.append((name, name))
+        out.kinds[name] = "files"
     return out
 
 

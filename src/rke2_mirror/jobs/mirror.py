@@ -50,6 +50,8 @@ def mirror(refs: Sequence[ImageRef], target: RegistryURL, *, target_tls: TLSOpti
         dst = ProjectsToCreate(tgt, to_create) if to_create else tgt
         report = run_copy(tasks, artifacts.locator(router) if artifacts else router, TargetLocator(dst), options,
                           progress)
+        if artifacts is not None and artifacts.pairs:
+            report = artifacts.with_kinds(report)  # its summary counts images, charts and files apart
         if budget.remaining is not None or budget.hit_429:
             report.rate_limit = budget.to_json()
             left = f"{budget.remaining}" + (f" of {budget.limit}" if budget.limit else "")

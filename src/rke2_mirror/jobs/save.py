@@ -219,6 +219,8 @@ def save(refs: Sequence[ImageRef], output: Path, *, source: jobs.SourceOptions, 
             tasks += artifacts.save_tasks() if artifacts else []
             report = jobs.run_copy(tasks, artifacts.locator(router) if artifacts else router, LayoutLocator(layout),
                                    replace(options, assume_present=frozenset(old)), progress)
+            if artifacts is not None and artifacts.pairs:
+                report = artifacts.with_kinds(report)  # its summary counts images, charts and files apart
             if report.interrupted:  # no archive from half a run: the work dir keeps what arrived
                 return SaveResult(report, [], work_dir=work_dir, work_dir_kept=True)
             if layout.write_error is not None:

@@ -106,6 +106,21 @@ def referrer_filter(spec: "CopySpec") -> ReferrerFilter | None:
     return ReferrerFilter.parse(types)
 
 
+def _check_charts(v: tuple[str, ...]) -> tuple[str, ...]:
+    from rke2_mirror.model.artifacts import parse_chart_spec
+    for i, text in enumerate(v):
+        try:
+            parse_chart_spec(text)
+        except InputError as exc:
+            raise ValueError(f"[{i}]: {str(exc).removeprefix('--chart ')}") from None
+    return v
+
+
+def _check_install_script(v: str) -> str:
+    _no_blanks(v)
+    return v
+
+
 def _check_platforms(v: tuple[str, ...]) -> tuple[str, ...]:
     for p in v:
         Platform.parse(p)
@@ -194,10 +209,16 @@ class ReleaseSpec:
     release_url: str | None = _opt(check=lambda v: v and _check_http_url(v))
     channel_url: str | None = _opt(check=lambda v: v and _check_http_url(v))
     offline: bool = _opt(False)
+    install_files: bool = _opt(False)  # rke2: the release's install files for each arch, as OCI artifacts
+    install_script: str | None = _opt(check=_check_install_script)  # FILE (from the config's dir) or URL
 
     def validate(self) -> str | None:
         if not self.channels and not self.versions:
             return "name at least one of 'channels' (stable, latest, v1.30) or 'versions' (v1.30.14+rke2r1)"
+        if self.install_files and self.product != "rke2":
+            return "install_files: true is for product rke2 (its rke2.linux-<arch>.tar.gz, sha256sum, install.sh)"
+        if self.install_script and not self.install_files:
+            return "install_script goes with install_files: true"
         if self.offline and self.channels:
             return "'offline: true' reads only the lists cache: channels cannot be resolved there, pin 'versions'"
         spec = PRODUCTS[self.product]
@@ -276,6 +297,8 @@ class SyncConfig:
     target: TargetSpec = _req()
     releases: tuple[ReleaseSpec, ...] = _opt(())
     images: tuple[str, ...] = _opt((), path=True)
+    charts: tuple[str, ...] = _opt((), check=_check_charts)  # as --chart: https://REPO/NAME@VERSION, oci://...
+    chart_images: bool = _opt(True)  # the images the charts declare (artifacthub.io/images) join the image set
     sources: SourcesSpec = _opt(SourcesSpec())
     copy: CopySpec = _opt(CopySpec())
     lists_dir: str | None = _opt(path=True)
@@ -284,8 +307,9 @@ class SyncConfig:
     lock: str | None = _opt(path=True)
 
     def validate(self) -> str | None:
-        if not self.releases and not self.images:
-            return "nothing to mirror: add 'releases' (channels / versions to follow) and/or 'images' (list files)"
+        if not self.releases and not self.images and not self.charts:
+            return ("nothing to mirror: add 'releases' (channels / versions to follow), 'images' (list files) "
+                    "and/or 'charts'")
         return None
 
 

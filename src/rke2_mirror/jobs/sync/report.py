@@ -90,7 +90,9 @@ def build_report(report: Report, sets: Sequence[ImageSet], *, config: Path, targ
     """The JSON report of one run: its result ("ok"; "failed"; "stopped" when the rate-limit budget
     deferred images; "interrupted" by a signal, with `interrupt_exit_code`), the summary, the split per
     release and every image."""
+    from rke2_mirror.jobs.artifacts import kind_summary
     summary = summarize(report.images)
+    summary["kinds"] = kind_summary(report.images, getattr(report, "target_kinds", {}))  # image, chart, files
     success = summary["failed"] == 0 and summary["deferred"] == 0
     if report.interrupted:
         result, exit_code = "interrupted", interrupt_exit_code
@@ -210,16 +212,23 @@ METRICS = {  # name: (type, help)
     "rke2_mirror_duration_seconds": ("gauge", "Wall time of the last run."),
     "rke2_mirror_ratelimit_remaining": ("gauge", "Pulls left at the source (Docker Hub ratelimit-remaining) at the end of the last run."),
     "rke2_mirror_ratelimit_limit": ("gauge", "The source's pull limit per window (Docker Hub ratelimit-limit)."),
+    "rke2_mirror_kind_total": ("gauge", "Items in the last run by kind: image, chart, files (a set of install files)."),
+    "rke2_mirror_kind_copied": ("gauge", "Items copied by the last run, by kind."),
+    "rke2_mirror_kind_skipped": ("gauge", "Items already present at the target in the last run, by kind."),
+    "rke2_mirror_kind_failed": ("gauge", "Items that failed in the last run, by kind."),
     "rke2_mirror_release_info": ("gauge", "A release the last run followed, and the version it resolved to."),
 }
 
 
-def render_textfile(values: Mapping[str, float | None], labels: Mapping[str, str],
+def render_textfile(values: Mapping[str, float | Mapping[str, float] | None], labels: Mapping[str, str],
                     releases: Sequence[Mapping[str, str]] = ()) -> str:
+    """`values`: a number per metric, or {kind: number} for the per-kind gauges (a `kind` label each)."""
     lines: list[str] = []
     for name, (kind, help_) in METRICS.items():
         if name == "rke2_mirror_release_info":
             samples = [(_labels({**labels, **r}), 1.0) for r in releases]
+        elif isinstance(values.get(name), Mapping):
+            samples = [(_labels({**labels, "kind": k}), v) for k, v in values[name].items()]
         else:
             v = values.get(name)
             samples = [] if v is None else [(_labels(labels), v)]
@@ -232,10 +241,11 @@ def render_textfile(values: Mapping[str, float | None], labels: Mapping[str, str
 
 def write_textfile(path: Path, *, labels: Mapping[str, str], finished: float, success: bool,
                    summary: Mapping[str, Any] | None, seconds: float, rate_limit: Mapping | None,
-                   releases: Sequence[ImageSet] = ()) -> None:
+                   releases: Sequence[ImageSet] = (), kinds: Mapping[str, Mapping[str, int]] | None = None) -> None:
+    """`kinds`: the summary's per-kind counts ({image|chart|files: {total, copied, skipped, failed}})."""
     prev = read_textfile(path)
     copied = float((summary or {}).get("bytes", 0)) if summary else 0.0
-    values: dict[str, float | None] = {
+    values: dict[str, float | Mapping[str, float] | None] = {
         "rke2_mirror_last_run_timestamp_seconds": round(finished, 3),
         "rke2_mirror_last_success_timestamp_seconds": round(finished, 3) if success else
         prev.get("rke2_mirror_last_success_timestamp_seconds"),
@@ -252,6 +262,9 @@ def write_textfile(path: Path, *, labels: Mapping[str, str], finished: float, su
             "rke2_mirror_images_deferred": summary["deferred"],
             "rke2_mirror_bytes_copied_last_run": copied,
         })
+    if kinds:
+        for what in ("total", "copied", "skipped", "failed"):
+            values[f"rke2_mirror_kind_{what}"] = {k: c[what] for k, c in kinds.items()}
     if rate_limit:
         values["rke2_mirror_ratelimit_remaining"] = rate_limit.get("remaining")
         values["rke2_mirror_ratelimit_limit"] = rate_limit.get("limit")

@@ -6,10 +6,12 @@ node-exporter textfile, registries.yaml / config.yaml).  Nothing is ever deleted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -124,6 +126,47 @@ def resolve_image_sets(cfg: LoadedConfig, log: Log = lambda s: None,
         if own is not None:
             own.close()
     return sets + extra
+
+
+def _install_script(cfg: LoadedConfig, script: str | None) -> str:
+    from rke2_mirror.releases.download import DEFAULT_INSTALL_SCRIPT
+    if not script:
+        return DEFAULT_INSTALL_SCRIPT
+    if script.startswith(("http://", "https://")):
+        return script
+    return str(cfg.path.parent / os.path.expanduser(script))
+
+
+def prepare_artifacts(cfg: LoadedConfig, sets: Sequence[ImageSet], work: Path, client: httpx.Client | None,
+                      log: Log = lambda s: None, *, install: bool = True):
+    """The config's `charts` and the install files of the releases with `install_files: true` (each resolved
+    version, each of the release's arches), fetched and verified into `work` (jobs.artifacts.Prepared);
+    None when the config asks for neither.  `install`: False leaves the install files out (another shard's)."""
+    import rke2_mirror.jobs.artifacts as artifacts_job
+    from rke2_mirror.model.artifacts import parse_chart_spec
+    c = cfg.config
+    specs = [parse_chart_spec(text) for text in c.charts]
+    wanted: dict[tuple[str, str], artifacts_job.InstallFiles] = {}
+    for spec in c.releases if install else ():
+        if not spec.install_files:
+            continue
+        source = ReleaseSource.default(spec.product, spec.release_url, spec.channel_url, c.lists_dir, spec.offline)
+        for s in sets:
+            if s.product == spec.product and s.release in spec.followed and s.version:
+                for arch in spec.arches:
+                    wanted.setdefault((s.version, arch), artifacts_job.InstallFiles(
+                        source, s.version, arch, _install_script(cfg, spec.install_script)))
+    if not specs and not wanted:
+        return None
+    offline = all(r.offline for r in c.releases if r.install_files) and not specs
+    own = None
+    if client is None and not offline:
+        client = own = _release_client()
+    try:
+        return artifacts_job.prepare(specs, list(wanted.values()), client, work, log, chart_images=c.chart_images)
+    finally:
+        if own is not None:
+            own.close()
 
 
 def _read(path: Path, *, replaceable: bool = False) -> str | None:
@@ -250,6 +293,9 @@ def check_config(cfg: LoadedConfig, env: Mapping[str, str] | None = None, log: L
     check_node_files_readable(cfg)
     warnings += check_node_gates(cfg)
     for r in c.releases:
+        script = r.install_script
+        if script and not script.startswith(("http://", "https://")) and not Path(_install_script(cfg, script)).is_file():
+            raise InputError(f"install_script {_install_script(cfg, script)}: no such file")
         if r.offline:  # the cache is local: read and verify it now
             source = ReleaseSource.default(r.product, r.release_url, r.channel_url, c.lists_dir, True)
             for name in r.followed:
@@ -309,7 +355,8 @@ def check_node_files_readable(cfg: LoadedConfig) -> None:
 def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentials | None = None,
                 max_rps: float | None = None, pull_floor: int | None = None, jobs_override: int | None = None,
                 dry_run: bool = False, progress: Progress | None = None, log: Log = lambda s: None,
-                cancel: Cancel | None = None, expect_digests: Mapping[ImageRef, str] | None = None) -> Report:
+                cancel: Cancel | None = None, expect_digests: Mapping[ImageRef, str] | None = None,
+                artifacts=None) -> Report:
     """One engine run of `refs` into the config's target, with its TLS, sources, credentials and limits
     (the arguments given here override the config's); `cancel` interrupts it; `expect_digests`: the digests
     the releases publish (rancher), each copy checked against them."""
@@ -325,7 +372,7 @@ def mirror_refs(cfg: LoadedConfig, refs: Sequence[ImageRef], *, creds: Credentia
                        public_projects=c.target.public_projects, progress=progress, log=log,
                        max_rps=max_rps if max_rps is not None else c.copy.max_rps,
                        pull_floor=pull_floor if pull_floor is not None else c.copy.pull_floor,
-                       target_credentials=creds, expect_digests=expect_digests)
+                       target_credentials=creds, expect_digests=expect_digests, artifacts=artifacts)
 
 
 def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps: float | None = None,
@@ -348,13 +395,15 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
     labels = {"config": cfg.path.stem, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})}
     textfile = shard_path(Path(c.outputs.textfile), shard) if c.outputs.textfile and not dry_run else None
     sets: list[ImageSet] = []
+    art_sets: list[ImageSet] = []  # the charts and install files copied (in the report, not in the node files)
     all_refs: list[ImageRef] = []
     refs: list[ImageRef] = []
     creds: Credentials | None = None
+    work = contextlib.ExitStack()  # the charts' and install files' download directory
 
     def finish(report: Report, interrupt_exit_code: int) -> SyncResult:
         finished, seconds = clock(), time.monotonic() - t0
-        doc = build_report(report, sets, config=cfg.path, target=str(target), shard=shard, dry_run=dry_run,
+        doc = build_report(report, sets + art_sets, config=cfg.path, target=str(target), shard=shard, dry_run=dry_run,
                            started=started, finished=finished, seconds=seconds,
                            interrupt_exit_code=interrupt_exit_code)
         messages = report_messages(doc)
@@ -365,7 +414,8 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
                 write_atomic(shard_path(Path(c.outputs.report), shard), json.dumps(doc, indent=2) + "\n", 0o644)
             if textfile is not None:
                 write_textfile(textfile, labels=labels, finished=finished, success=doc["exit_code"] == EXIT_OK,
-                               summary=doc["summary"], seconds=seconds, rate_limit=report.rate_limit, releases=sets)
+                               summary=doc["summary"], seconds=seconds, rate_limit=report.rate_limit, releases=sets,
+                               kinds=doc["summary"].get("kinds"))
         return SyncResult(doc, doc["exit_code"], messages)
 
     try:
@@ -381,6 +431,25 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
         if not dry_run:
             check_node_gates(cfg, sets)  # with the versions the channels resolved to, before anything is copied
         all_refs = merge_refs(*[list(s.images) for s in sets])
+        artifacts = None
+        if c.charts or any(r.install_files for r in c.releases):
+            tmp = work.enter_context(tempfile.TemporaryDirectory(prefix="rke2-mirror-sync-"))
+            artifacts = prepare_artifacts(cfg, sets, Path(tmp), release_client, log,
+                                          install=shard is None or shard[0] == 0)
+        if artifacts is not None:
+            if artifacts.images:  # the charts' declared images join the image set (every shard's share)
+                before = len(all_refs)
+                sets.append(ImageSet("charts' images", tuple(artifacts.images)))
+                all_refs = merge_refs(all_refs, artifacts.images)
+                log(f"charts' images: {len(artifacts.images)} declared, {len(all_refs) - before} not already in "
+                    "the image set")
+            if shard is not None and shard[0] != 0:
+                artifacts = None  # the charts and files themselves: shard 0's
+            else:
+                for kind, label in (("chart", "charts"), ("files", "install files")):
+                    mine = tuple(src for src, name in artifacts.pairs if artifacts.kinds.get(name) == kind)
+                    if mine:
+                        art_sets.append(ImageSet(label, mine))
         refs = shard_refs(all_refs, *shard) if shard else all_refs
         if shard:
             log(f"shard {shard[0]}/{shard[1]}: {len(refs)} of {len(all_refs)} images")
@@ -389,7 +458,7 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
         expect = {r: d for s in sets for r, d in s.digests.items()}
         report = mirror_refs(cfg, refs, creds=creds, max_rps=max_rps, pull_floor=pull_floor,
                              jobs_override=jobs_override, dry_run=dry_run, progress=progress, log=log, cancel=cancel,
-                             expect_digests=expect)
+                             expect_digests=expect, artifacts=artifacts)
     except MirrorError as exc:
         if textfile is not None:  # monitoring sees the failed run; the last success is kept
             finished = clock()
@@ -408,6 +477,8 @@ def run_sync(cfg: LoadedConfig, *, shard: tuple[int, int] | None = None, max_rps
             except MirrorError as werr:
                 log(f"warning: {werr}")
         raise
+    finally:
+        work.close()
     return finish(report, cancel.exit_code)
 
 
