@@ -123,7 +123,8 @@ def test_every_cli_module_imports_first_or_in_any_order_in_a_fresh_interpreter()
     doc = json.loads(proc.stdout)
     assert not doc["failures"], "\n".join(doc["failures"])
     assert doc["orders"] >= 2 * len(mods)
-    assert doc["commands"] == ["diff", "inspect", "list", "load", "mirror", "registries-yaml", "save", "sync", "verify"]
+    assert doc["commands"] == ["diff", "extract", "inspect", "list", "load", "mirror", "registries-yaml", "save", "sync",
+                               "verify"]
 
 
 def test_util_quiet_log_is_gone_and_the_package_exports_main():
