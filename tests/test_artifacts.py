@@ -116,6 +116,22 @@ def test_charts_save_inspect_load_and_mirror(registry_factory, tmp_path):
         proc = run_cli("mirror", "--to", f"{dst.url}/direct", *charts, "--json")
         assert json.loads(proc.stdout)["summary"]["skipped"] == 2, proc.stdout
 
+        # --split and --since work for charts as for images: parts load; a delta leaves out what OLD has
+        parts = tmp_path / "split.tar"
+        proc = run_cli("save", "-o", str(parts), "--split", "4K", *charts)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list(tmp_path.glob("split.tar.part*"))) > 1
+        proc = run_cli("load", str(tmp_path / "split.tar.part001"), "--to", f"{dst.url}/parts", "--json")
+        assert proc.returncode == 0, proc.stderr
+        _, layer = chart_manifest(dst.url, "parts/charts/cert-manager", "v1.15.3")
+        assert layer == tgz
+        delta = tmp_path / "delta.tar"
+        proc = run_cli("save", "-o", str(delta), "--since", str(out), *charts)
+        assert proc.returncode == 0, proc.stderr
+        assert "left out" in proc.stderr and delta.stat().st_size < out.stat().st_size
+        proc = run_cli("load", str(delta), "--to", f"{dst.url}/mirror", "--json")  # OLD is there already
+        assert proc.returncode == 0, proc.stderr
+
 
 def test_chart_digest_mismatch_is_one_line(tmp_path):
     with start_chart_repo() as repo:
