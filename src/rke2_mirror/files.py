@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rke2_mirror.model.errors import InputError
@@ -53,6 +55,41 @@ def write_atomic(path: Path, text: str | bytes, mode: int = 0o644, *, parents: b
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def write_stream(path: Path, chunks: Iterable[bytes], mode: int = 0o644,
+                 check: Callable[[str, int], None] | None = None) -> tuple[str, int]:
+    """`write_atomic` for a stream: the chunks hashed (sha256) while written to the same kind of temp file;
+    `check(hexdigest, size)` may raise to refuse the content before the rename.  Returns (hexdigest, size).
+    An OSError is one InputError, "cannot write PATH: ..."; any failure leaves no temp file."""
+    path = Path(path)
+    h = hashlib.sha256()
+    n = 0
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            for data in chunks:
+                h.update(data)
+                n += len(data)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(h.hexdigest(), n)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc.__class__.__name__}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return h.hexdigest(), n
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,8 +6,6 @@ into a directory laid out for INSTALL_RKE2_ARTIFACT_PATH, each hashed again.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +14,7 @@ from rke2_mirror import yamlsafe
 from rke2_mirror.endpoints.artifacts import ArtifactLocator, ArtifactSource
 from rke2_mirror.endpoints.ociarchive import ArchiveReader
 from rke2_mirror.engine.copy import NOT_IN_PLACE, CopyTask, ImageResult, Report
-from rke2_mirror.files import _fsync_dir, read_capped
+from rke2_mirror.files import read_capped, write_stream
 from rke2_mirror.model.artifacts import (CHARTS_PREFIX, FILES_REPOSITORY, LOCAL_REGISTRY, ChartSpec, content_kind,
                                          file_entries, oci_tag)
 from rke2_mirror.model.errors import ArchiveError, DigestMismatch, InputError, MirrorError
@@ -243,35 +241,14 @@ def extract(reader: ArchiveReader, to: Path, *, log: Log = lambda s: None) -> Ex
 
 
 def _write_blob(reader: ArchiveReader, repo: str, desc, path: Path) -> str:
-    h = hashlib.sha256()
-    n = 0
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as exc:
-        raise InputError(f"cannot write {tmp}: {exc.strerror or exc}") from None
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with reader.open_blob(repo, desc) as chunks:
-                for data in chunks:
-                    h.update(data)
-                    n += len(data)
-                    f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if n != desc.size or f"sha256:{h.hexdigest()}" != desc.digest:
-            raise DigestMismatch(f"{path.name} in {reader.label}: {n} bytes hashing to sha256:{h.hexdigest()}, "
+    """One file of the archive at `path`, whole and checked or not at all (files.write_stream)."""
+    def check(hexdigest: str, n: int) -> None:
+        if n != desc.size or f"sha256:{hexdigest}" != desc.digest:
+            raise DigestMismatch(f"{path.name} in {reader.label}: {n} bytes hashing to sha256:{hexdigest}, "
                                  f"expected {desc.size} bytes, {desc.digest} (corrupt archive); not written")
-        os.replace(tmp, path)
-        done = True
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if not done:
-            tmp.unlink(missing_ok=True)
-    return h.hexdigest()
+
+    with reader.open_blob(repo, desc) as chunks:
+        return write_stream(path, chunks, 0o644, check)[0]
 
 
 def _check_against_sums(to: Path, out: Extracted, log: Log) -> None:

@@ -323,14 +323,9 @@ def merged_registries_text(existing_text: str, existing: Mapping, doc: Mapping, 
         return None
     import io
 
-    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError as RuamelError
 
-    rt = YAML(typ="rt")
-    rt.preserve_quotes = True
-    rt.width = 4096
-    offset = _sequence_offset(existing_text)
-    rt.indent(mapping=2, sequence=offset + 2, offset=offset)
+    rt = _round_tripper(existing_text)
     try:
         out_doc = rt.load(existing_text)
         for section in ("mirrors", "configs"):
@@ -409,16 +404,10 @@ def update_config_yaml(config_text: str, updates: Mapping[str, object], origin: 
 def _round_trip_set(config_text: str, updates: Mapping[str, object], origin: str) -> str:
     import io
 
-    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError as RuamelError
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-    rt = YAML(typ="rt")
-    rt.preserve_quotes = True
-    rt.allow_duplicate_keys = True
-    rt.width = 4096
-    offset = _sequence_offset(config_text)
-    rt.indent(mapping=2, sequence=offset + 2, offset=offset)
+    rt = _round_tripper(config_text)
     try:
         doc = rt.load(config_text)
         for key, value in updates.items():
@@ -432,6 +421,20 @@ def _round_trip_set(config_text: str, updates: Mapping[str, object], origin: str
         raise InputError(f"{origin}: cannot be rewritten keeping its comments ({exc.__class__.__name__})") from None
     text = out.getvalue()
     return "" if text.strip() in ("", "{}") else text
+
+
+def _round_tripper(text: str):
+    """A ruamel.yaml round trip for `text` (already read within yamlsafe's bounds): quotes, comments and
+    the indentation of its lists kept."""
+    from ruamel.yaml import YAML
+
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.allow_duplicate_keys = True
+    rt.width = 4096
+    offset = _sequence_offset(text)
+    rt.indent(mapping=2, sequence=offset + 2, offset=offset)
+    return rt
 
 
 _SEQ_UNDER_KEY = re.compile(r"^(?P<key>[ ]*)[^\s#-][^\n]*:[ \t]*(?:#[^\n]*)?\n(?:[ ]*#[^\n]*\n)*(?P<dash>[ ]*)- ", re.M)
