@@ -77,7 +77,8 @@ def _print_inspect(doc: dict) -> None:
         size = human(im["size"])
         if "size_in_archive" in im:
             size += f" ({human(im['size_in_archive'])} here)"
-        rows.append((im["reference"], im["digest"][:19], kind, ", ".join(im["platforms"]), size))
+        plats = "-" if im.get("content") in ("chart", "files") else ", ".join(im["platforms"])
+        rows.append((im["reference"], im["digest"][:19], kind, plats, size))
         for f in im.get("files", ()):
             rows.append(("  ↳ " + str(f["title"]), f["digest"][:19], "file", "-", human(f["size"])))
         for r in im.get("referrers", ()):
