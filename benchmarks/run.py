@@ -541,7 +541,7 @@ def write_sync_yaml(path: Path, src: RunningRegistry, ds: dataset.DataSet) -> No
 PROFILES = {
     "standard": {"images": 150, "mb": 600.0, "repeat": 2, "big_mb": 1024, "scale": 0, "skip": []},
     "rancher": {"images": 1500, "mb": 6144.0, "repeat": 1, "big_mb": 0, "scale": 150,
-                "skip": ["skopeo-copy", "token", "profile", "whatif"]},
+                "skip": ["skopeo-copy", "archive-skopeo", "token", "profile", "whatif"]},
 }
 
 
@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="cold runs of the ceiling and rke2-mirror (best kept; default 2, --quick 1)")
     ap.add_argument("--big-mb", type=int, default=None, help="size of the single-layer image for the RSS check (default 1024; --quick 64; 0 skips)")
     ap.add_argument("--skip", action="append", default=[],
-                    choices=["skopeo-sync", "skopeo-copy", "token", "archive", "big", "profile", "whatif"],
+                    choices=["skopeo-sync", "skopeo-copy", "token", "archive", "archive-skopeo", "big", "profile", "whatif"],
                     help="leave a part out (repeatable)")
     ap.add_argument("--workdir", type=Path, default=None, help="where registries and logs go (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, archives) at the end")
@@ -939,7 +939,7 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
             else:
                 archive_rows.append(("rke2-mirror save / load", None, None, 0,
                                      "not measured: `rke2-mirror save --help` / `load --help` do not exist yet"))
-            if SKOPEO:
+            if SKOPEO and "archive-skopeo" not in skip:
                 adir = work / "tmp" / "oci-archives"
                 adir.mkdir(parents=True, exist_ok=True)
                 clear_skopeo_cache()

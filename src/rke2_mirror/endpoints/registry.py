@@ -16,7 +16,7 @@ import re
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -370,11 +370,16 @@ class Registry:
             raise DigestMismatch(f"blob {desc.digest}: more than the {desc.size} bytes its descriptor names")
         self._request("PUT", _with_digest(loc, desc.digest), what, (201, 204), once=True)
 
-    def _location(self, resp: httpx.Response, what: str) -> str:
+    def _location(self, resp: httpx.Response, what: str) -> httpx.URL:
         loc = resp.headers.get("location")
         if not loc:
             raise RegistryError(f"{what}: the registry sent no upload Location")
-        return str(httpx.URL(self.base_url).join(loc))
+        if loc.startswith("/") and not loc.startswith("//") and "/." not in loc:
+            # the usual answer, a plain path on this registry: parsed once.  httpx parses a URL one character
+            # at a time in Python and an upload Location carries a long state string: join() parsed it three
+            # times and each request made from the string parsed it again (~0.4 ms of CPU per blob uploaded)
+            return httpx.URL(self.base_url + loc)
+        return httpx.URL(self.base_url).join(loc)
 
     def repository_is_new(self, repo: str) -> bool:
         """True when the registry knows nothing of `repo` (tags/list answers 404 NAME_UNKNOWN):
@@ -408,9 +413,12 @@ class _Window:
         self.leftover = buf
 
 
-def _with_digest(location: str, digest: str) -> str:
-    """The upload URL with ?digest= added (keeping the registry's own state parameters)."""
-    return str(httpx.URL(location).copy_merge_params({"digest": digest}))
+def _with_digest(location: httpx.URL, digest: str) -> httpx.URL:
+    """The upload URL with ?digest= added (keeping the registry's own state parameters as it wrote them:
+    appended, not re-encoded, which would parse the long state string twice more)."""
+    if location.fragment or b"digest=" in location.query:
+        return location.copy_merge_params({"digest": digest})
+    return httpx.URL(f"{location}{'&' if location.query else '?'}digest={quote(digest, safe='')}")
 
 
 def _short(exc: Exception) -> str:
