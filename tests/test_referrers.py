@@ -225,6 +225,7 @@ def test_list_check_reports_what_signs_each_image(registry_factory, key):
 # What a real registry won't produce: answers made with httpx.MockTransport, or a source in memory.
 
 import json as _json  # noqa: E402
+import time  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -442,3 +443,23 @@ def test_hostile_referrers_documents_fail_as_mirror_errors_only(doc, raw):
                 call()
             except MirrorError:
                 pass
+
+
+def test_the_referrers_api_is_probed_once_per_registry_however_many_threads_ask():
+    import threading
+
+    probes: list[str] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if "/referrers/" in req.url.path:
+            probes.append(req.url.path)
+            time.sleep(0.05)  # every thread is waiting by now
+            return httpx.Response(404, text="404 page not found\n")
+        return httpx.Response(404, json={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
+    with _registry(handler) as reg:
+        threads = [threading.Thread(target=reg.referrers, args=(f"r{i}", D)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    assert len(probes) == 1

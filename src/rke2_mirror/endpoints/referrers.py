@@ -53,6 +53,7 @@ class RegistryReferrers:
         self.reg = registry
         self.api: bool | None = None  # does the registry serve the referrers API (None: not asked yet)
         self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
         self._tags: dict[str, frozenset[str] | None] = {}  # repo -> its sha256-* tags (None: list too long)
         self._subject_locks: dict[tuple[str, str], threading.Lock] = {}
 
@@ -61,7 +62,14 @@ class RegistryReferrers:
         """OCI 1.1 referrers of `subject`: by the API when served, and by the tag schema (from the tag list
         where this run read it, else asked directly when there is no API)."""
         out: dict[str, Descriptor] = {}
-        if self.api is not False:
+        asked = False
+        if self.api is None:  # the first answer says whether the registry serves the API: asked once
+            with self._probe_lock:
+                if self.api is None:
+                    asked = True
+                    for d in self._api(repo, subject, filt) or ():
+                        out.setdefault(d.digest, d)
+        if self.api and not asked:
             for d in self._api(repo, subject, filt) or ():
                 out.setdefault(d.digest, d)
         tags = self._tags.get(repo)
