@@ -32,29 +32,13 @@ def write_atomic(path: Path, text: str | bytes, mode: int = 0o644, *, parents: b
 
     Any failure is one InputError, "cannot write PATH: ...", and no temp file is left."""
     path = Path(path)
-    directory = path.parent
-    tmp: str | None = None
     try:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         if parents:
-            directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(directory)
+            path.parent.mkdir(parents=True, exist_ok=True)
     except (OSError, UnicodeError) as exc:
         raise InputError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    write_stream(path, [data], mode)
 
 
 def write_stream(path: Path, chunks: Iterable[bytes], mode: int = 0o644,
@@ -82,7 +66,7 @@ def write_stream(path: Path, chunks: Iterable[bytes], mode: int = 0o644,
         tmp = None
         _fsync_dir(path.parent)
     except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc.__class__.__name__}") from None
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp is not None:
             try:
