@@ -107,8 +107,8 @@ class ArchiveReader:
                 raise ArchiveError(f"{self.label}: index.json is not a JSON object")
             named = name_entries(self.index, name, f"{self.label}: index.json")
             self._by_key = {img.key: img for img in named}
+            # referrer entries (tag schema indexes, cosign's tags) travel with their images: not images
             self.images: list[NamedImage] = [img for img in named if not is_referrer_entry(img)]
-            self.referrer_entries: list[NamedImage] = [img for img in named if is_referrer_entry(img)]
             self.delta = self._read_delta()
         except BaseException:
             self.close()

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from rke2_mirror.model.errors import MirrorError, NotFound, RegistryError, UnsupportedManifest
+from rke2_mirror.model.errors import NotFound, RegistryError, UnsupportedManifest
 from rke2_mirror.model.oci import OCI_INDEX, Descriptor, parse_manifest
-from rke2_mirror.model.referrers import (ReferrerFilter, fallback_tag, legacy_tags, merged_index,
+from rke2_mirror.model.referrers import (MAX_REFERRERS, ReferrerFilter, fallback_tag, legacy_tags, merged_index,
                                          parse_referrers_index, referrer_descriptor)
 
 MAX_PAGES = 20  # referrers API pages per subject
@@ -72,12 +72,10 @@ class RegistryReferrers:
         if self.api and not asked:
             for d in self._api(repo, subject, filt) or ():
                 out.setdefault(d.digest, d)
-        tags = self._tags.get(repo)
-        known = repo in self._tags and tags is not None
-        if self.api is False or (known and fallback_tag(subject) in tags):  # type: ignore[operator]
-            if not known or fallback_tag(subject) in tags:  # type: ignore[operator]
-                for d in self._fallback(repo, subject):
-                    out.setdefault(d.digest, d)
+        tags = self._tags.get(repo)  # None: not listed in this run (a target), or too long to list
+        if (fallback_tag(subject) in tags) if tags is not None else self.api is False:
+            for d in self._fallback(repo, subject):
+                out.setdefault(d.digest, d)
         return list(out.values())
 
     def _api(self, repo: str, subject: str, filt: ReferrerFilter | None) -> list[Descriptor] | None:
@@ -97,8 +95,8 @@ class RegistryReferrers:
                 return None if not out else out
             self.api = True
             out.extend(parse_referrers_index(resp.content, what))
-            if len(out) > 1000:
-                raise UnsupportedManifest(f"{what}: more than 1000 referrers: refused")
+            if len(out) > MAX_REFERRERS:
+                raise UnsupportedManifest(f"{what}: more than {MAX_REFERRERS} referrers: refused")
             url = _next_link(resp, self.reg.base_url)
         return out
 
@@ -227,4 +225,4 @@ def store_tagged(has_tag: Callable[[str, str], bool], repo: str, subject: str) -
     return [(t, k) for t, k in legacy_tags(subject).items() if has_tag(repo, t)]
 
 
-__all__ = ["RegistryReferrers", "store_referrers", "store_tagged", "MirrorError"]
+__all__ = ["RegistryReferrers", "store_referrers", "store_tagged"]

@@ -10,6 +10,7 @@ MAX_DEPTH, or more than MAX_DESCRIPTORS distinct descriptors in one image, is re
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -172,9 +173,15 @@ def walk_referrers(source, repo: str, g: Graph, filt: ReferrerFilter, *, subject
     if find is None:
         return
     seen = set(g.manifests) | set(g.pruned) | set(g.blobs) | {e.descriptor.digest for e in g.referrers}
-    queue = [(s, 0) for s in (subjects if subjects is not None else g.manifest_digests)]
+
+    def count() -> None:
+        if len(seen) + len(g.blobs) > max_descriptors:
+            raise GraphLimit(f"image graph with its referrers has more than {max_descriptors} distinct "
+                             "manifests and blobs: refused")
+
+    queue = deque((s, 0) for s in (subjects if subjects is not None else g.manifest_digests))
     while queue:
-        subject, depth = queue.pop(0)
+        subject, depth = queue.popleft()
         # cosign's tags first: a registry reads the repository's tag list once for them, which then
         # also says whether the tag schema index exists
         legacy = tagged(repo, subject) if tagged is not None else []
@@ -191,14 +198,12 @@ def walk_referrers(source, repo: str, g: Graph, filt: ReferrerFilter, *, subject
             if desc.digest in seen:
                 continue
             seen.add(check_digest(desc.digest))
-            if len(seen) + len(g.blobs) > max_descriptors:
-                raise GraphLimit(f"image graph with its referrers has more than {max_descriptors} distinct "
-                                 "manifests and blobs: refused")
+            count()
             edge = ReferrerEdge(subject, desc, kind, tag)
             if present is None or not present(subject, desc, tag):
                 if raw is None:
                     try:
-                        mdesc, raw = source.get_manifest(repo, desc.digest)
+                        _, raw = source.get_manifest(repo, desc.digest)
                     except NotFound:  # listed but gone (a tag schema index outlives what it lists)
                         seen.discard(desc.digest)
                         continue
@@ -208,9 +213,7 @@ def walk_referrers(source, repo: str, g: Graph, filt: ReferrerFilter, *, subject
                 edge.graph = walk(source, repo, m, root_digest=desc.digest, max_descriptors=max_descriptors)
                 for d, b in edge.graph.blobs.items():
                     g.blobs.setdefault(d, b)
-                if len(seen) + len(g.blobs) > max_descriptors:
-                    raise GraphLimit(f"image graph with its referrers has more than {max_descriptors} distinct "
-                                     "manifests and blobs: refused")
+                count()
             g.referrers.append(edge)
             if depth + 1 < MAX_REFERRER_DEPTH:
                 queue.append((desc.digest, depth + 1))

@@ -113,12 +113,6 @@ class ReferrerFilter:
         """The one exact type asked for (a registry can filter by it: `?artifactType=`)."""
         return next(iter(self.types)) if not self.kinds and len(self.types) == 1 else None
 
-    def describe(self) -> str:
-        return "all" if self.everything else ", ".join(sorted(self.kinds | self.types))
-
-
-SIGNATURES = ReferrerFilter(frozenset({"signature"}))
-
 
 def referrer_descriptor(media_type: str, raw: bytes, digest: str) -> Descriptor:
     """The descriptor a referrers list gives for a manifest: artifactType (else its config's media type)

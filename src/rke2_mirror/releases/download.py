@@ -25,8 +25,8 @@ from rke2_mirror.endpoints.artifacts import LocalFile, file_digest
 from rke2_mirror.model.artifacts import ChartSpec
 from rke2_mirror.model.errors import InputError
 from rke2_mirror.releases.lists import ReleaseFetcher
-from rke2_mirror.releases.source import (_REDIRECT_STATUS, DOWNLOAD_DEADLINE, MAX_REDIRECTS, ReleaseSource,
-                                         _transport_error, describe_size, http_get)
+from rke2_mirror.releases.source import (DOWNLOAD_DEADLINE, ReleaseSource, _transport_error, describe_size,
+                                         http_get, open_following)
 
 Log = Callable[[str], None]
 
@@ -49,26 +49,16 @@ def download(client: httpx.Client, url: str, dest: Path, limit: int, what: str) 
     Redirects followed by hand (never https -> http); more than `limit` bytes or `DOWNLOAD_DEADLINE` seconds
     is refused; any failure is one InputError and leaves no file."""
     started = time.monotonic()
-    current = url
     try:
-        for _ in range(MAX_REDIRECTS + 1):
-            with client.stream("GET", current, follow_redirects=False) as resp:
-                location = resp.headers.get("location")
-                if resp.status_code in _REDIRECT_STATUS and location:
-                    nxt = str(resp.url.join(location))
-                    if urlsplit(current).scheme == "https" and urlsplit(nxt).scheme != "https":
-                        raise InputError(f"{url}: redirected from https to {nxt.split('?')[0]}; refused")
-                    current = nxt
-                    continue
-                if resp.status_code == 404:
-                    return None
-                if resp.status_code != 200:
-                    raise InputError(f"HTTP {resp.status_code} fetching {url}")
-                declared = resp.headers.get("content-length", "")
-                if declared.strip().isdigit() and int(declared) > limit:
-                    raise InputError(f"{url}: more than {describe_size(limit)}, the most accepted for {what}; refused")
-                return _stream_to(resp, dest, url, limit, what, started)
-        raise InputError(f"too many redirects fetching {url}")
+        with open_following(client, url, refuse_downgrade=True) as resp:
+            if resp.status_code == 404:
+                return None
+            if resp.status_code != 200:
+                raise InputError(f"HTTP {resp.status_code} fetching {url}")
+            declared = resp.headers.get("content-length", "")
+            if declared.strip().isdigit() and int(declared) > limit:
+                raise InputError(f"{url}: more than {describe_size(limit)}, the most accepted for {what}; refused")
+            return _stream_to(resp, dest, url, limit, what, started)
     except httpx.HTTPError as exc:
         raise _transport_error(url, exc) from None
 

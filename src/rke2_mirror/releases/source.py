@@ -18,7 +18,8 @@ import os
 import ssl
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -194,20 +195,32 @@ class _BoundedBody:
         return bytes(self.body)
 
 
-def _download_once(client: httpx.Client, url: str, limit: int, what: str) -> tuple[int, bytes]:
-    started = time.monotonic()
+@contextmanager
+def open_following(client: httpx.Client, url: str, *, headers: Mapping[str, str] | None = None,
+                   refuse_downgrade: bool = False) -> Iterator[httpx.Response]:
+    """GET `url`: the first answer that is not a redirect, streaming.  Redirects are followed here (at most
+    MAX_REDIRECTS), not by httpx: it reads a redirect's whole body, however large.  `refuse_downgrade`: an
+    https URL redirected to http is one InputError."""
     current = url
     for _ in range(MAX_REDIRECTS + 1):
-        # Redirects are followed here, not by httpx: it reads a redirect's whole body, however large.  Only
-        # the encodings decoded here, with the cap, are asked for (httpx inflates a whole network read at once).
-        with client.stream("GET", current, follow_redirects=False,
-                           headers={"Accept-Encoding": "gzip, deflate"}) as resp:
+        with client.stream("GET", current, follow_redirects=False, headers=headers) as resp:
             location = resp.headers.get("location")
             if resp.status_code in _REDIRECT_STATUS and location:
-                current = str(resp.url.join(location))  # leaving the block closes it unread
+                nxt = str(resp.url.join(location))  # leaving the block closes it unread
+                if refuse_downgrade and urlsplit(current).scheme == "https" and urlsplit(nxt).scheme != "https":
+                    raise InputError(f"{url}: redirected from https to {nxt.split('?')[0]}; refused")
+                current = nxt
                 continue
-            return _read_body(resp, url, limit, what, started)
+            yield resp
+            return
     raise InputError(f"too many redirects fetching {url}")
+
+
+def _download_once(client: httpx.Client, url: str, limit: int, what: str) -> tuple[int, bytes]:
+    started = time.monotonic()
+    # Only the encodings decoded here, with the cap, are asked for (httpx inflates a whole network read at once).
+    with open_following(client, url, headers={"Accept-Encoding": "gzip, deflate"}) as resp:
+        return _read_body(resp, url, limit, what, started)
 
 
 def _read_body(resp: httpx.Response, url: str, limit: int, what: str, started: float) -> tuple[int, bytes]:
