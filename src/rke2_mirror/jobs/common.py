@@ -192,7 +192,8 @@ class SourceCheck:
 
 
 def _referrer_kinds(reg, repo: str, digest: str) -> dict[str, int]:
-    """What signs the top-level manifest, by kind (no manifest GET: nothing counts as a pull)."""
+    """What signs the top-level manifest, by kind: no image manifest is fetched (the tag list says which of
+    cosign's tags exist); the only manifest GET is a tag schema index, where the tag list shows one."""
     out: dict[str, int] = {}
     legacy = [k for _, k in reg.tagged_artifacts(repo, digest)]  # first: it reads the tag list once
     for kind in legacy + [kind_of(d.artifact_type, d.annotations) for d in reg.referrers(repo, digest)]:
