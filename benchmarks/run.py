@@ -628,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         log("py-spy not found: profile skipped (.venv/bin/pip install py-spy)")
     if a.rke2_mirror:
         RKE2[:] = shlex.split(a.rke2_mirror)
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+        # an installed package has its bytecode (pip compiles at install); without it every run of ours would
+        # compile ~100 modules (~0.1 s) that the ceiling, one script on installed libraries, never does.
+        # The `mirror --help` below writes the caches.
+        log("PYTHONDONTWRITEBYTECODE unset for the runs: measured as installed, with bytecode caches")
     if not RKE2:
         log("rke2-mirror not found next to this Python (use the project's .venv/bin/python)")
         return 2

@@ -233,6 +233,8 @@ def load_releases(releases: Sequence[str], options: ReleaseOptions, client: http
                   log: Log = stderr_log) -> list[ReleaseImages]:
     """Each release's verified images and resolved version. Use this when the versions matter too,
     e.g. for `registries-yaml --release`."""
+    if not releases:
+        return []  # no release client (building one loads a CA bundle and httpcore: ~50 ms of start-up)
     source = options.source()
     with client_for(source, client) as c:
         return [release_images(r, source, c, options.arches, options.flavors, log) for r in releases]

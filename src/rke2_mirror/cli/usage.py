@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -132,7 +133,37 @@ def _reason(exc: BadParameter) -> tuple[str, bool]:
         msg = msg.replace("Input should be", "must be")
         return f"{shown}: {msg[:1].lower()}{msg[1:] or 'not accepted'}", True
     msg = _one_line(exc.message).rstrip(".")
+    worded = _click_reason(msg, getattr(exc.param, "type", None))
+    if worded:
+        return worded, True
     return (msg[:1].lower() + msg[1:] if msg else "not accepted"), False
+
+
+_NOT_VALID = re.compile(r"(?P<value>.+?) is not a valid (?P<kind>int|integer|float)(?: range)?")
+_OUT_OF_RANGE = re.compile(r"(?P<value>\S+) is not in the range \S+")
+
+
+def _click_reason(msg: str, kind: Any) -> str | None:
+    """click's own checks (typer < 0.29), in the same words as pydantic's above: `'abc' is not a valid int
+    range` -> `'abc': not a whole number`, `100 is not in the range 1<=x<=64` -> `100: more than 64, the most
+    accepted`.  None for any other message."""
+    m = _NOT_VALID.fullmatch(msg)
+    if m:
+        return f"{m['value']}: {'not a number' if m['kind'] == 'float' else 'not a whole number'}"
+    m = _OUT_OF_RANGE.fullmatch(msg)
+    if not m:
+        return None
+    try:
+        value = float(m["value"])
+    except ValueError:
+        return None
+    shown = f"{value:g}"
+    low, high = getattr(kind, "min", None), getattr(kind, "max", None)
+    if low is not None and value < low:
+        return f"{shown}: less than {low}, the least accepted"
+    if high is not None and value > high:
+        return f"{shown}: more than {high}, the most accepted"
+    return None
 
 
 def _near(option: str, candidates: Any) -> list[str]:

@@ -1,6 +1,8 @@
 """The registry client's transport stack, in the manner of go-containerregistry's transport wrappers.
 
-    RetryTransport( ThrottleTransport( ObservingTransport( httpx.HTTPTransport ) ) )
+    RetryTransport( ThrottleTransport( GuardTransport( ObservingTransport( Http11Transport ) ) ) )
+
+(`http11.Http11Transport`: HTTP/1.1 on http.client; httpx.HTTPTransport where the environment names a proxy.)
 
 Every single HTTP exchange a registry client makes (manifests, blobs, uploads, token fetches, redirects to
 storage, Harbor's API) goes through it, so each attempt waits for the request-rate cap and stops at once
@@ -42,6 +44,7 @@ from types import SimpleNamespace
 
 import httpx
 
+from rke2_mirror.endpoints.http11 import Http11Transport
 from rke2_mirror.engine.cancel import NEVER, Cancel
 from rke2_mirror.engine.retry import RetryPolicy, mark_exhausted
 
@@ -436,7 +439,11 @@ def http_transports(*, verify: ssl.SSLContext | bool, limits: httpx.Limits, retr
     """The stack over a real connection pool, and `mounts` for httpx.Client: the same stack over each
     proxy the environment names (None where NO_PROXY says direct)."""
     def stack(proxy: str | None) -> RetryTransport:
-        return wrap(httpx.HTTPTransport(verify=verify, limits=limits, proxy=proxy),
-                    retry=retry, cancel=cancel, limiter=limiter, observe=observe, window=window)
+        inner: httpx.BaseTransport
+        if proxy is None:
+            inner = Http11Transport(verify=verify, max_idle=limits.max_keepalive_connections or 1)
+        else:
+            inner = httpx.HTTPTransport(verify=verify, limits=limits, proxy=proxy)
+        return wrap(inner, retry=retry, cancel=cancel, limiter=limiter, observe=observe, window=window)
     mounts = {pattern: None if proxy is None else stack(proxy) for pattern, proxy in environment_proxies().items()}
     return stack(None), mounts
