@@ -660,3 +660,39 @@ def test_cli_release_url_from_env(server, cache) -> None:
     res = cli("list", "latest", "--flavor", "traefik", "--lists-dir", str(cache), env=env)
     assert res.exit_code == 0, res.stderr
     assert res.stdout == f"{R}mirrored-library-traefik:2.11.24\n"
+
+
+def test_a_list_redirected_from_https_to_http_is_refused(server, cache, pki, tmp_path: Path) -> None:
+    """An https release URL whose answers redirect to plain http (the real release server behind it): the
+    checksum file would come over plain http, vouched for by nothing; refused, nothing cached."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    plain = server.release_url("rke2")
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", plain + self.path.removeprefix("/d"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*map(str, pki.issue(tmp_path / "tls")))
+    front.socket = ctx.wrap_socket(front.socket, server_side=True)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        source = ReleaseSource.default("rke2", f"https://127.0.0.1:{front.server_address[1]}/d",
+                                       server.channel_url("rke2"), cache, env={})
+        with httpx.Client(timeout=10, verify=ssl.create_default_context(cafile=str(pki.cert_path))) as c, \
+                pytest.raises(InputError, match=r"redirected from https to http://127\.0\.0\.1:\d+/rke2/.*refused"):
+            release_images(OLD, source, c)
+    finally:
+        front.shutdown()
+        front.server_close()
+    assert not any(cache.rglob("*.txt"))
+    assert not server.requests  # nothing was fetched from the plain-http side

@@ -50,7 +50,7 @@ def download(client: httpx.Client, url: str, dest: Path, limit: int, what: str) 
     is refused; any failure is one InputError and leaves no file."""
     started = time.monotonic()
     try:
-        with open_following(client, url, refuse_downgrade=True) as resp:
+        with open_following(client, url) as resp:
             if resp.status_code == 404:
                 return None
             if resp.status_code != 200:

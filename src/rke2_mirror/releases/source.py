@@ -197,17 +197,18 @@ class _BoundedBody:
 
 @contextmanager
 def open_following(client: httpx.Client, url: str, *, headers: Mapping[str, str] | None = None,
-                   refuse_downgrade: bool = False) -> Iterator[httpx.Response]:
+                   ) -> Iterator[httpx.Response]:
     """GET `url`: the first answer that is not a redirect, streaming.  Redirects are followed here (at most
-    MAX_REDIRECTS), not by httpx: it reads a redirect's whole body, however large.  `refuse_downgrade`: an
-    https URL redirected to http is one InputError."""
+    MAX_REDIRECTS), not by httpx: it reads a redirect's whole body, however large.  An https URL redirected
+    to http is one InputError: what was asked for over TLS is never taken from plain http (a checksum file
+    included: nothing else vouches for it)."""
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         with client.stream("GET", current, follow_redirects=False, headers=headers) as resp:
             location = resp.headers.get("location")
             if resp.status_code in _REDIRECT_STATUS and location:
                 nxt = str(resp.url.join(location))  # leaving the block closes it unread
-                if refuse_downgrade and urlsplit(current).scheme == "https" and urlsplit(nxt).scheme != "https":
+                if urlsplit(current).scheme == "https" and urlsplit(nxt).scheme != "https":
                     raise InputError(f"{url}: redirected from https to {nxt.split('?')[0]}; refused")
                 current = nxt
                 continue
