@@ -261,6 +261,7 @@ def test_chart_images_join_the_image_set_and_kinds_are_counted(registry_factory,
         assert summary["kinds"]["image"]["total"] == 2 and summary["kinds"]["image"]["copied"] == 2
         assert summary["kinds"]["chart"] == {"total": 1, "copied": 1, "skipped": 0, "failed": 0}
         assert summary["kinds"]["files"]["total"] == 0
+        assert "3 items (2 images, 1 chart): 3 saved" in proc.stderr, proc.stderr  # not "3 images"
         doc = json.loads(run_cli("inspect", str(out), "--json").stdout)
         assert doc["counts"] == {"image": 2, "chart": 1, "files": 0}
 

@@ -158,8 +158,23 @@ def summary_line(report: Report, verb: str = "copied") -> str:
         extra += f", {j.get('interrupted', 0)} interrupted ({report.interrupted})"
     if j.get("referrers", {}).get("copied"):
         extra += f"; {j['referrers']['copied']} signatures/attestations/SBOMs {verb}"
-    return (f"{j['total']} images: {done} {verb}, {j['skipped']} already present, {j['failed']} failed{extra}; "
+    return (f"{_what(j)}: {done} {verb}, {j['skipped']} already present, {j['failed']} failed{extra}; "
             f"{human_bytes(j['bytes'])} in {j['seconds']:.1f}s")
+
+
+def _what(summary: dict) -> str:
+    """'150 images', or with charts and install files among them '152 items (150 images, 1 chart, 1 set of
+    install files)'."""
+    kinds = summary.get("kinds") or {}
+    charts, files = (kinds.get(k, {}).get("total", 0) for k in ("chart", "files"))
+    if not charts and not files:
+        return f"{summary['total']} images"
+    parts = [f"{kinds.get('image', {}).get('total', 0)} images"]
+    if charts:
+        parts.append(f"{charts} chart{'s' if charts != 1 else ''}")
+    if files:
+        parts.append(f"{files} set{'s' if files != 1 else ''} of install files")
+    return f"{summary['total']} items ({', '.join(parts)})"
 
 
 def write_failed_list(path: Path, failed: Sequence[ImageResult]) -> None:
