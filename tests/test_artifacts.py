@@ -172,11 +172,12 @@ def test_install_files_save_inspect_extract(release_with_files, tmp_path):
     script = tmp_path / "install.sh"
     script.write_text("#!/bin/sh\necho install rke2\n")
     out = tmp_path / "airgap.tar"
-    proc = run_cli("save", "-o", str(out), "--release", VERSION, "--flavor", "core", "--arch", "amd64",
+    proc = run_cli("save", "-o", str(out), "--release", "stable", "--flavor", "core", "--arch", "amd64",
                    "--install-files", "--install-script", str(script), "--source-endpoint", f"docker.io={src.url}",
                    "--lists-dir", str(tmp_path / "cache"), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "rke2.linux-amd64.tar.gz verified against sha256sum-amd64.txt" in proc.stderr
+    assert proc.stderr.count(f"rke2 channel stable -> {VERSION}") == 1, proc.stderr  # the images' version, reused
 
     doc = json.loads(run_cli("inspect", str(out), "--json").stdout)
     assert doc["counts"]["files"] == 1 and doc["counts"]["image"] > 0

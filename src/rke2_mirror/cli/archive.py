@@ -203,10 +203,11 @@ def save_command(
         split_bytes = tarfiles.parse_size(split) if split else None
         published: dict = {}  # digests the releases publish (rancher): each copy is checked against them
         only_artifacts = bool(chart) and not images.files and not images.releases
-        refs = [] if only_artifacts else gather_images(images, lists, digests=published)
+        versions: dict[str, str] = {}  # each --release as resolved: the install files are of the same version
+        refs = [] if only_artifacts else gather_images(images, lists, digests=published, versions=versions)
         since_spec = resolve_since(since, lists) if since else None
         with prepared(chart, install_files, install_script, images, lists, output.parent,
-                      chart_images=chart_images) as artifacts:
+                      chart_images=chart_images, versions=versions) as artifacts:
             refs = artifacts_job.join_images(refs, artifacts, stderr_log)  # the charts' declared images
             progress = CliProgress()
             try:

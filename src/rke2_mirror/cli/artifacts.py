@@ -4,7 +4,7 @@ archive.py, beside `inspect`)."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,10 +41,12 @@ InstallScriptOpt = Annotated[Optional[str], typer.Option(
 
 @contextmanager
 def prepared(charts: Sequence[str], install_files: bool, install_script: str | None, images: ImageLists,
-             lists: ReleaseOptions, where: Path | None = None, *, chart_images: bool = True) -> Iterator[object]:
+             lists: ReleaseOptions, where: Path | None = None, *, chart_images: bool = True,
+             versions: Mapping[str, str] | None = None) -> Iterator[object]:
     """The charts and install files asked for, fetched and verified into a temporary directory (beside
     `where` when given) that lives as long as the block; None when neither was asked for.  With
-    `chart_images`, its `images` are the images the charts declare."""
+    `chart_images`, its `images` are the images the charts declare.  `versions`: the --releases as the image
+    lists resolved them (a channel is not looked up twice)."""
     specs = [model_artifacts.parse_chart_spec(c) for c in charts]
     if install_script and not install_files:
         raise InputError("--install-script goes with --install-files")
@@ -59,7 +61,8 @@ def prepared(charts: Sequence[str], install_files: bool, install_script: str | N
         install = []
         if install_files:
             for release in images.releases:
-                version = lists_mod.resolve_version(release, source, None if lists.offline else client, stderr_log)
+                version = (versions or {}).get(release) or lists_mod.resolve_version(
+                    release, source, None if lists.offline else client, stderr_log)
                 for arch in lists.arches:
                     install.append(artifacts_job.InstallFiles(source, version, arch,
                                                               install_script or download_mod.DEFAULT_INSTALL_SCRIPT))

@@ -257,14 +257,18 @@ def load_releases(releases: Sequence[str], options: ReleaseOptions, client: http
 
 def collect_images(images_files: Sequence[Path], releases: Sequence[str], options: ReleaseOptions,
                    client: httpx.Client | None = None, log: Log = stderr_log,
-                   digests: dict[ImageRef, str] | None = None) -> list[ImageRef]:
+                   digests: dict[ImageRef, str] | None = None,
+                   versions: dict[str, str] | None = None) -> list[ImageRef]:
     """Every image of the `--images` files, then of the `--release`s, with duplicates removed in stable order.
     An InputError (exit 2) if neither is given, or on a bad file, release or list.  `digests`, when given,
-    gets the digests the releases publish for their images (rancher), for the copy to check."""
+    gets the digests the releases publish for their images (rancher), for the copy to check; `versions` each
+    --release as resolved (a channel looked up once: install files use the same version)."""
     if not images_files and not releases:
         raise InputError("no images given: use --images FILE and/or --release RELEASE")
     lists = [read_image_file(Path(p)) for p in images_files]
-    for r in load_releases(releases, options, client, log):
+    for release, r in zip(releases, load_releases(releases, options, client, log)):
+        if versions is not None:
+            versions[release] = r.version
         lists.append(list(r.images))
         if digests is not None:
             digests.update(r.digests)
@@ -272,11 +276,12 @@ def collect_images(images_files: Sequence[Path], releases: Sequence[str], option
 
 
 def gather_images(images: ImageLists, lists: ReleaseOptions | None = None,
-                  digests: dict[ImageRef, str] | None = None) -> list[ImageRef]:
+                  digests: dict[ImageRef, str] | None = None,
+                  versions: dict[str, str] | None = None) -> list[ImageRef]:
     """--images files merged with --release lists (verified against their checksum files); never empty.
-    `digests` gets the digests the releases publish (see `collect_images`)."""
+    `digests` and `versions`: see `collect_images`."""
     refs = collect_images(images.files, images.releases, lists or ReleaseOptions(), log=stderr_log,
-                          digests=digests)
+                          digests=digests, versions=versions)
     if not refs:
         raise InputError("no images: the lists given are empty")
     return refs
