@@ -96,6 +96,9 @@ def test_charts_save_inspect_load_and_mirror(registry_factory, tmp_path):
 
         proc = run_cli("load", str(out), "--to", f"{dst.url}/mirror", "--json")
         assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["summary"]["kinds"]["chart"] == {"total": 2, "copied": 2, "skipped": 0,
+                                                                       "failed": 0}
+        assert "2 items (0 images, 2 charts): 2 loaded" in proc.stderr, proc.stderr
         m, layer = chart_manifest(dst.url, "mirror/charts/cert-manager", "v1.15.3")
         assert layer == tgz  # the .tgz bytes unchanged
         config = json.loads(read_blob(dst.url, "mirror/charts/cert-manager", m["config"]["digest"]))

@@ -21,6 +21,8 @@ from rke2_mirror.endpoints.ociarchive import ArchiveReader
 from rke2_mirror.endpoints.routing import TargetLocator
 from rke2_mirror.engine.copy import CopyOptions, CopyTask, ImageResult, Progress, Report
 from rke2_mirror.engine.walk import Graph, GraphCache, GraphLimit, select_platforms, walk
+from rke2_mirror.jobs.artifacts import KindReport
+from rke2_mirror.model.artifacts import content_kind
 from rke2_mirror.model.errors import ArchiveError, InputError, MirrorError
 from rke2_mirror.model.oci import Descriptor, Platform, parse_manifest
 from rke2_mirror.model.referrers import ReferrerFilter
@@ -55,9 +57,14 @@ def load(reader: ArchiveReader | DockerArchive, target: RegistryURL, *, target_t
                     raise InputError(f"the target refused to mount {b.digest} from {other} into {repo} "
                                      f"(needed by the delta {reader.label})")
             assume = frozenset(d for d in reader.delta.omitted if reader.blob(d) is None)
-        return jobs.run_copy(tasks, reader, TargetLocator(tgt), replace(options, assume_present=assume), progress)
+        report = jobs.run_copy(tasks, reader, TargetLocator(tgt), replace(options, assume_present=assume), progress)
     finally:
         tgt.close()
+    kinds = {str(t.target): content_kind(graphs[img.key].manifest)
+             for t, img in zip(tasks, reader.images) if img.key in graphs}
+    if any(k != "image" for k in kinds.values()):  # charts or install files: counted apart, as save counted them
+        return KindReport.of(report, kinds)
+    return report
 
 
 def plan_graphs(reader: ArchiveReader, platforms: Sequence[Platform],
