@@ -69,7 +69,7 @@ class Wire:
                     conn.sendall(raw)
                     if close:
                         return
-            except OSError:
+            except (OSError, ValueError):  # the client went away, or sent a body cut short
                 return
 
     @staticmethod
@@ -92,7 +92,10 @@ class Wire:
             if line.startswith(b"content-length:"):
                 n = int(line.split(b":")[1])
                 while len(buf) < n:
-                    buf += conn.recv(65536)
+                    data = conn.recv(65536)
+                    if not data:
+                        raise OSError("the client went away mid-body")
+                    buf += data
                 return buf[:n], buf[n:]
         return b"", buf
 
@@ -245,6 +248,52 @@ def test_a_request_body_goes_out_as_given_with_length_or_chunked(wire):
         parts = (data[i:i + 7000] for i in range(0, len(data), 7000))
         assert c.put("/chunked", content=parts).text == hashlib.sha256(data).hexdigest()
     assert b"transfer-encoding: chunked" in w.requests[1].lower()
+
+
+class SourceCorrupt(Exception):
+    pass
+
+
+def test_an_error_of_the_body_producer_comes_through_as_raised(wire):
+    w = wire(lambda req, n: (ok(), False))
+
+    def body():
+        yield b"x" * 1000
+        raise SourceCorrupt("the source blob is not what its digest says")
+
+    with client(w.url) as c:
+        with pytest.raises(SourceCorrupt):
+            c.put("/up", content=body(), headers={"Content-Length": "5000"})
+        assert c.get("/after").content == b"hello"  # the half-sent connection was not reused
+    assert w.connections == 2
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_found_wrong_at_its_end_never_reaches_the_server_whole(wire, framing):
+    """engine.blobs.checked raises at the end of a blob whose digest is wrong, after its last chunk: that chunk
+    is held back until the body ended cleanly, so the server never has the whole body (nothing to commit)."""
+    w = wire(lambda req, n: (ok(), False))
+
+    def body():
+        yield b"a" * 3000
+        yield b"b" * 2000
+        raise SourceCorrupt("content hashes to sha256:...")
+
+    headers = {"Content-Length": "5000"} if framing == "length" else {}
+    with client(w.url) as c, pytest.raises(SourceCorrupt):
+        c.put("/v2/x/blobs/uploads/1?digest=sha256:abc", content=body(), headers=headers)
+    time.sleep(0.2)
+    assert w.requests == []  # the server saw a body cut short (3000 of 5000 bytes / no last chunk)
+
+
+@pytest.mark.parametrize("declared", ["5000", "10"])
+def test_a_body_shorter_or_longer_than_its_length_is_refused_at_once(wire, declared):
+    w = wire(lambda req, n: (ok(), False))
+    with client(w.url) as c:
+        t0 = time.monotonic()
+        with pytest.raises(httpx.LocalProtocolError, match="Content-Length"):
+            c.put("/up", content=iter([b"y" * 1000]), headers={"Content-Length": declared})
+        assert time.monotonic() - t0 < 2  # not a wait for the server's read timeout
 
 
 def test_a_header_value_that_cannot_be_sent_is_a_local_error_not_a_retry(wire):

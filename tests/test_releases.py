@@ -681,6 +681,8 @@ def test_a_list_redirected_from_https_to_http_is_refused(server, cache, pki, tmp
             pass
 
     front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    front.daemon_threads = True
+    front.handle_error = lambda request, address: None  # a client that hangs up mid-handshake: not news
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(*map(str, pki.issue(tmp_path / "tls")))
     front.socket = ctx.wrap_socket(front.socket, server_side=True)

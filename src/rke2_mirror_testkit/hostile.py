@@ -4,7 +4,7 @@ v2 API with one chosen misbehaviour, and a plain sink that records what a client
     src = start_hostile("huge-manifest")                 # http://127.0.0.1:PORT
     sink = start_hostile("sink")                          # a target that accepts everything and counts it
     ... rke2-mirror mirror --source-endpoint docker.io=<src.url> --to <sink.url> ...
-    sink.pushed                                           # PUT/PATCH requests received (content pushed)
+    sink.pushed                                           # PUT/PATCH requests received whole (content pushed)
     src.stop(); sink.stop()
 
 Modes (`MODES`):
@@ -21,7 +21,7 @@ Modes (`MODES`):
   Authorization header (``token_requests``/``authorized``);
 - ``huge-token``: ``/v2/`` challenges for a token at this same server's ``/token``, which answers 200 with a
   ``huge`` JSON body;
-- ``sink``: a registry that has nothing and accepts every push (``pushed`` counts PUT/PATCH requests).
+- ``sink``: a registry that has nothing and accepts every push (``pushed``: PUT/PATCH requests whose body came whole).
 
 Bounded by design: huge bodies are generated on the fly from one small chunk (never held in memory), a
 writer stops when the client goes away, and every slow or huge answer stops by itself after ``deadline``
@@ -35,7 +35,7 @@ import json
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -72,6 +72,7 @@ class Seen:
     method: str
     path: str
     authorization: str | None
+    whole: bool = True  # the request's body arrived whole (a push cut mid-body is not content pushed)
 
 
 @dataclass(eq=False)
@@ -100,9 +101,10 @@ class HostileRegistry:
 
     @property
     def pushed(self) -> list[Seen]:
-        """PUT and PATCH requests: content a client pushed (a blob, a chunk, a manifest)."""
+        """PUT and PATCH requests whose body arrived whole: content a client pushed (a blob, a chunk, a
+        manifest).  A streamed upload the client abandoned mid-body is not in it (`requests` has it)."""
         with self._lock:
-            return [r for r in self.requests if r.method in ("PUT", "PATCH")]
+            return [r for r in self.requests if r.method in ("PUT", "PATCH") and r.whole]
 
     @property
     def token_requests(self) -> list[Seen]:
@@ -215,21 +217,26 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _read_body(self) -> None:
+    def _read_body(self) -> bool:
+        """Read (and drop) the request's body; False when it ended before its end (the client went away)."""
         n = int(self.headers.get("Content-Length") or 0)
         while n > 0:
             got = self.rfile.read(min(n, CHUNK))
             if not got:
-                break
+                return False
             n -= len(got)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while True:
                 line = self.rfile.readline(1024)
+                if not line:
+                    return False
                 size = int(line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     self.rfile.readline(1024)
                     break
-                self.rfile.read(size + 2)
+                if len(self.rfile.read(size + 2)) < size + 2:
+                    return False
+        return True
 
     def _not_found(self) -> None:
         self._answer(404, b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}')
@@ -238,9 +245,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         h = self.h
         path = self.path.split("?", 1)[0]
-        h.record(Seen(self.command, self.path, self.headers.get("Authorization")))
+        seen = Seen(self.command, self.path, self.headers.get("Authorization"))
         if self.command in ("POST", "PUT", "PATCH"):
-            self._read_body()
+            whole = self._read_body()
+            if not whole:
+                h.record(replace(seen, whole=False))
+                return
+        h.record(seen)
         mode = h.mode
         is_manifest = "/manifests/" in path
         is_blob = "/blobs/" in path and "/uploads" not in path

@@ -8,14 +8,17 @@ body reads go straight to the socket (one `recv` per chunk, no event objects, no
 
 What it does, and what it leaves to the layers around it:
 - one pool per transport: idle keep-alive connections per (scheme, host, port), last used first; an idle
-  connection the server has closed (readable while idle: EOF or stray bytes) is dropped, never reused;
+  connection the server has closed (readable while idle: EOF or stray bytes), or idle for more than
+  KEEPALIVE_EXPIRY seconds, is dropped, never reused;
 - a response's connection goes back to the pool only once its body was read to the end and neither side
   asked to close; a response closed early closes its connection (nothing unread is left in a reused socket);
 - a body shorter than its Content-Length, or a chunked body cut before its last chunk, is an error
   (`httpx.RemoteProtocolError`), never a short body taken as whole;
 - errors are httpx's (`ConnectError`, `ConnectTimeout`, `ReadTimeout`, `WriteTimeout`, `ReadError`,
-  `WriteError`, `RemoteProtocolError`), so retries and messages work as with httpx's own transport; TLS
-  failures keep the `ssl` error as their cause (`transport.tls_failure` reads it);
+  `WriteError`, `RemoteProtocolError`, `LocalProtocolError`), so retries and messages work as with httpx's
+  own transport; TLS failures keep the `ssl` error as their cause (`transport.tls_failure` reads it); an
+  error raised by a request body's producer (a source blob whose digest does not match) comes through
+  unchanged, and a body shorter or longer than its Content-Length is refused (`LocalProtocolError`);
 - timeouts are the request's (`extensions["timeout"]`: connect, read, write), set on the socket per phase;
 - no proxies: a proxied origin keeps httpx's transport (`transport.http_transports` mounts it);
 - no HTTP/2, no compression (registries are asked for identity; httpx decodes what the guard lets through).
@@ -84,8 +87,10 @@ def _map_error(exc: BaseException, phase: str) -> httpx.TransportError:
         return httpx.RemoteProtocolError("Server disconnected without sending a response.")
     if isinstance(exc, http.client.HTTPException):
         return httpx.RemoteProtocolError(f"malformed answer: {text}"[:300])
-    if not isinstance(exc, OSError):  # e.g. a header value http.client refuses to send
-        return httpx.LocalProtocolError(f"cannot send the request: {text}"[:300])
+    if not isinstance(exc, OSError):  # e.g. a host name that cannot be encoded, an answer http.client chokes on
+        if phase == "connect":
+            return httpx.ConnectError(text[:300])
+        return httpx.RemoteProtocolError(f"malformed answer: {text}"[:300])
     if phase == "connect":
         return httpx.ConnectError(text)
     if phase == "write":
@@ -227,9 +232,9 @@ class Http11Transport(httpx.BaseTransport):
         conn = held.conn
         try:
             self._send(conn, request, write)
-        except Exception as exc:
-            conn.close()
-            raise _map_error(exc, "write") from exc
+        except BaseException:
+            conn.close()  # half a request went out: the connection is not reusable
+            raise
         try:
             conn.sock.settimeout(read)
             resp = conn.getresponse()
@@ -246,32 +251,58 @@ class Http11Transport(httpx.BaseTransport):
                         "reason_phrase": resp.reason.encode("latin-1", "replace")},
         )
 
-    @staticmethod
-    def _send(conn: http.client.HTTPConnection, request: httpx.Request, write: float | None) -> None:
-        conn.sock.settimeout(write)
-        url = request.url
-        target = url.raw_path.decode("ascii")
-        conn.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
-        chunked = False
-        for name, value in request.headers.raw:
-            if name.lower() == b"transfer-encoding" and value.strip().lower() == b"chunked":
-                chunked = True
-            conn.putheader(name, value)
+    def _send(self, conn: http.client.HTTPConnection, request: httpx.Request, write: float | None) -> None:
+        """The request line, headers and body.  A socket error is the httpx error of the same meaning; an error
+        the body's producer raises (a source blob that is not what its digest says) comes through as raised."""
+        chunked, declared = False, None
+        try:
+            conn.sock.settimeout(write)
+            conn.putrequest(request.method, request.url.raw_path.decode("ascii"), skip_host=True,
+                            skip_accept_encoding=True)
+            for name, value in request.headers.raw:
+                low = name.lower()
+                if low == b"transfer-encoding":
+                    chunked = value.strip().lower() == b"chunked"
+                elif low == b"content-length":
+                    declared = int(value)
+                conn.putheader(name, value)
+        except (ValueError, http.client.HTTPException) as exc:  # a header http.client refuses to send
+            raise httpx.LocalProtocolError(f"cannot send the request: {exc}"[:300]) from exc
         stream = request.stream
-        if isinstance(stream, httpx.ByteStream) and not chunked:
-            body = b"".join(stream)
-            conn.endheaders(body or None)
-            return
-        conn.endheaders()
+        try:
+            if isinstance(stream, httpx.ByteStream) and not chunked:
+                conn.endheaders(b"".join(stream) or None)  # one write with the headers
+                return
+            conn.endheaders()
+        except OSError as exc:
+            raise _map_error(exc, "write") from exc
+        # Each chunk goes out once the next one (or the body's end) has come: the last one only after its
+        # producer ended without raising, so a blob found wrong at its end (engine.blobs.checked) never
+        # reaches the server whole, and a registry cannot take it for complete.
+        sent, held = 0, None
         for chunk in stream:
             if not chunk:
                 continue
-            if chunked:
-                conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-            else:
-                conn.send(chunk)
+            sent += len(chunk)
+            if declared is not None and sent > declared:
+                raise httpx.LocalProtocolError(f"request body longer than its Content-Length ({declared})")
+            if held is not None:
+                self._write(conn, held, chunked)
+            held = chunk
+        if not chunked and declared is not None and sent != declared:
+            raise httpx.LocalProtocolError(f"request body shorter than its Content-Length ({sent} of {declared})")
+        if held is not None:
+            self._write(conn, held, chunked)
         if chunked:
-            conn.send(b"0\r\n\r\n")
+            self._write(conn, b"", chunked)
+
+    @staticmethod
+    def _write(conn: http.client.HTTPConnection, chunk: bytes, chunked: bool) -> None:
+        """One piece of a body (chunked: framed; an empty one is the last chunk)."""
+        try:
+            conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+        except OSError as exc:
+            raise _map_error(exc, "write") from exc
 
     def close(self) -> None:
         with self._lock:

@@ -140,6 +140,10 @@ class Progress:
     def bytes_copied(self, n: int) -> None: ...
 
 
+_DONE = threading.Event()  # what a finished blob's `done` becomes: one set Event shared by all of them
+_DONE.set()
+
+
 class _BlobState:
     __slots__ = ("done", "repos", "origin")
 
@@ -169,7 +173,7 @@ class _Claims:
         """Claim and release at once (a dry run counts each blob once)."""
         st, owner = self.claim(ep, digest)
         if owner:
-            st.done.set()
+            st.done = _DONE
         return owner
 
 
@@ -500,7 +504,10 @@ class CopyEngine:
             state.origin = dst_repo
             return n
         finally:
-            state.done.set()
+            # the blob's own Event (a Condition, a lock, a deque: ~1.8 KB, kept for the whole run by its state)
+            # is let go once set: waiters re-read `state.done` and see the shared set one
+            done, state.done = state.done, _DONE
+            done.set()
 
     def _transfer(self, src, src_repo: str, dst, dst_repo: str, desc: Descriptor) -> int:
         what = blob_subject(src, src_repo, desc)

@@ -57,11 +57,12 @@ def load(reader: ArchiveReader | DockerArchive, target: RegistryURL, *, target_t
                     raise InputError(f"the target refused to mount {b.digest} from {other} into {repo} "
                                      f"(needed by the delta {reader.label})")
             assume = frozenset(d for d in reader.delta.omitted if reader.blob(d) is None)
+        kinds = {str(t.target): content_kind(graphs[img.key].manifest)
+                 for t, img in zip(tasks, reader.images) if img.key in graphs}
+        del graphs  # every image's graph, ~10 MB at 1,500 images: the copy walks each image again
         report = jobs.run_copy(tasks, reader, TargetLocator(tgt), replace(options, assume_present=assume), progress)
     finally:
         tgt.close()
-    kinds = {str(t.target): content_kind(graphs[img.key].manifest)
-             for t, img in zip(tasks, reader.images) if img.key in graphs}
     if any(k != "image" for k in kinds.values()):  # charts or install files: counted apart, as save counted them
         return KindReport.of(report, kinds)
     return report
