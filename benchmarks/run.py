@@ -1071,8 +1071,8 @@ def bench(a, lab: Lab, runner: Runner, work: Path, n_images: int, mb: float, rep
     if sync:
         target("cold: skopeo sync ÷ rke2-mirror", ratio(sync.best_cold, ours_c), "≥ 2×",
                sync.best_cold.wall >= 2 * ours_c.wall)
-        target("no-op: skopeo sync ÷ rke2-mirror", ratio(sync.best_noop, ours_n), "≥ 10×",
-               sync.best_noop.wall >= 10 * ours_n.wall)
+        # issue #18 re-based the no-op target on the ceiling (below): "≥ 10× skopeo sync" is out of any client's reach
+        targets.append(f"| (info) no-op: skopeo sync ÷ rke2-mirror | {ratio(sync.best_noop, ours_n)} | – | – |")
     if token_row and token_row.best_cold:
         target("token-auth TLS target ÷ anonymous (cold)", ratio(token_row.best_cold, ours_c), "≤ 1.3×",
                token_row.best_cold.wall <= 1.3 * ours_c.wall)
