@@ -269,6 +269,17 @@ def test_chart_images_join_the_image_set_and_kinds_are_counted(registry_factory,
         doc = json.loads(run_cli("inspect", str(out), "--json").stdout)
         assert doc["counts"] == {"image": 2, "chart": 1, "files": 0}
 
+        # sharded: the declared images are cut with the rest (each in one shard), the chart is shard 0's
+        copied = []
+        for i in range(3):
+            proc = run_cli("mirror", "--to", f"{dst.url}/sh", "--images", str(listed), *args, "--shard", f"{i}/3",
+                           "--json")
+            assert proc.returncode == 0, proc.stderr
+            rows = json.loads(proc.stdout)["images"]
+            copied += [r["target"] for r in rows if r["status"] == "copied"]
+            assert any("charts/" in r["target"] for r in rows) == (i == 0), rows
+        assert sorted(t.split("/", 2)[2] for t in copied) == ["charts/webapp:1.2.0", "team/app-a:1.0",
+                                                               "team/app-b:2.0"], copied
         proc = run_cli("mirror", "--to", f"{dst.url}/m", *args, "--no-chart-images", "--json")
         assert proc.returncode == 0, proc.stderr
         summary = json.loads(proc.stdout)["summary"]

@@ -11,7 +11,8 @@ from rke2_mirror.cli.artifacts import ChartImagesOpt, ChartOpt, artifacts_job, p
 from rke2_mirror.cli.base import CliProgress, app, copy_options, finish, gather_images, run_command
 from rke2_mirror.cli.options import (COPY_TUNING, IMAGE_LISTS, REFERRERS, RELEASE_LISTS, REPORT_OUTPUT, SOURCE, TARGET_TLS, CopyTuning,
                                      ImageLists, MaxRpsOpt, PlatformOpt, PublicProjectsOpt, PullFloorOpt, ReleaseOptions,
-                                     ReportOutput, ShardOpt, ToOpt, apply_shard, options, with_strict_auth_realm)
+                                     ReportOutput, ShardOpt, ToOpt, apply_shard, options, parse_shard,
+                                     with_strict_auth_realm)
 from rke2_mirror.cli.signals import interrupts
 from rke2_mirror.cli.util import stderr_log
 from rke2_mirror.jobs.common import SourceOptions, TLSOptions
@@ -38,9 +39,13 @@ def mirror(*, to: ToOpt, images: ImageLists, lists: ReleaseOptions, tls: TLSOpti
         opts = copy_options(tuning, cancel, platform=platform, referrers=referrers, dry_run=dry_run)
         published: dict = {}  # digests the releases publish (rancher): each copy is checked against them
         only_charts = bool(chart) and not images.files and not images.releases
-        refs = [] if only_charts else apply_shard(gather_images(images, lists, digests=published), shard, stderr_log)
+        refs = [] if only_charts else gather_images(images, lists, digests=published)
         with prepared(chart, False, None, images, lists, chart_images=chart_images) as artifacts:
-            refs = artifacts_job.join_images(refs, artifacts, stderr_log)  # the charts' declared images
+            # the charts' declared images join the image set before it is cut into shards (each image in one
+            # shard); the charts themselves are shard 0's, as in sync
+            refs = apply_shard(artifacts_job.join_images(refs, artifacts, stderr_log), shard, stderr_log)
+            if (parse_shard(shard) or (0, 1))[0] != 0:
+                artifacts = None
             progress = CliProgress()
             try:
                 report = mirror_job.mirror(refs, target, target_tls=tls, source=source, options=opts,
