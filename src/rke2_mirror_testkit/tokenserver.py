@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as _dt
+import hashlib
 import http.client
 import json
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from rke2_mirror_testkit.pki import CA, make_token_signer
@@ -141,6 +142,14 @@ def _truthy(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("true", "1", "yes")
     return bool(v)
+
+
+def libtrust_key_id(public_key) -> str:
+    """docker/libtrust's key ID, as distribution matches a JWT `kid` against its rootcertbundle: base32 of the
+    first 240 bits of sha256(DER SubjectPublicKeyInfo), in groups of four joined by ':'."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    text = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode().rstrip("=")
+    return ":".join(text[i:i + 4] for i in range(0, len(text), 4))
 
 
 def _b64url(data: bytes) -> str:
@@ -260,7 +269,9 @@ class TokenService:
 
     def make_token(self, user: str | None, access: list[dict], audience: str | None = None) -> tuple[str, int, str]:
         now = int(time.time())
-        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self.cert_der).decode()]}
+        # Harbor's core names its signing key by `kid` (libtrust's key ID of a key in the registry's
+        # rootcertbundle): the registry checks one signature per request, not a certificate chain (`x5c`)
+        header = {"typ": "JWT", "alg": "RS256", "kid": libtrust_key_id(self.signing_key.public_key())}
         claims = {
             "iss": self.issuer,
             "sub": user or "",
