@@ -162,8 +162,8 @@ def make_token_signer(
     """RSA-2048 key + self-signed certificate for RS256 registry tokens.
 
     Writes ``token.key`` / ``token.crt`` into ``directory``.  The certificate file is what
-    docker-registry's ``auth.token.rootcertbundle`` points at; the DER bytes go into the
-    JWT ``x5c`` header.  Returns ``(private_key, cert_path, cert_der)``.
+    docker-registry's ``auth.token.rootcertbundle`` points at; tokens name the key by ``kid`` (its
+    libtrust key ID, as Harbor's do).  Returns ``(private_key, cert_path, cert_der)``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
