@@ -173,7 +173,8 @@ class _Claims:
         """Claim and release at once (a dry run counts each blob once)."""
         st, owner = self.claim(ep, digest)
         if owner:
-            st.done = _DONE
+            done, st.done = st.done, _DONE  # set too: a thread that got the state meanwhile may wait on it
+            done.set()
         return owner
 
 
