@@ -219,7 +219,8 @@ def save_command(
         if res.files:
             names = str(res.files[0]) if len(res.files) == 1 else \
                 f"{len(res.files)} parts {res.files[0]} … {res.files[-1].name}"
-            stderr_log(f"wrote {names}: {res.images} images, {res.blobs} blobs, {human(res.bytes)}")
+            what = "images" if artifacts is None else "entries (images, charts, install files)"
+            stderr_log(f"wrote {names}: {res.images} {what}, {res.blobs} blobs, {human(res.bytes)}")
             if since_spec is not None:
                 stderr_log(f"delta against {since_spec.label}: {res.omitted} blobs "
                            f"({human(res.omitted_bytes)}) left out")
