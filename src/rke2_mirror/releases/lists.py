@@ -48,7 +48,7 @@ from rke2_mirror.releases.source import (
     cache_write,
     cached_versions,
     http_get,
-    read_capped,
+    read_cached,
 )
 
 # The docker-tag spelling of a version (`+` is not allowed in tags): v1.28.9-rke2r1.
@@ -362,7 +362,7 @@ class ReleaseFetcher:
         if self.source.offline:
             path = self.source.cache_dir(self.version) / name
             try:
-                raw = read_capped(path, CHECKSUMS_MAX_BYTES, "a checksum file")
+                raw = read_cached(path, CHECKSUMS_MAX_BYTES, "a checksum file")
             except FileNotFoundError:
                 raise InputError(
                     f"no cached {name} for {self.source.product} {self.version} in {path.parent} "
@@ -408,7 +408,7 @@ class ReleaseFetcher:
         if self.source.offline:
             path = self.source.cache_dir(self.version) / asset
             try:
-                return str(path), read_capped(path, limit, what)
+                return str(path), read_cached(path, limit, what)
             except FileNotFoundError:
                 return None
             except OSError as exc:
@@ -447,7 +447,7 @@ class ReleaseFetcher:
                     raise self._unnamed_error(asset, arch, str(path.parent))
                 raise self._flavor_error(asset, flavor, arch, sums)
             try:
-                return str(path), read_capped(path, LIST_MAX_BYTES, "an image list")
+                return str(path), read_cached(path, LIST_MAX_BYTES, "an image list")
             except FileNotFoundError:
                 raise InputError(
                     f"{asset} of {self.source.product} {self.version} is not in the cache ({path.parent}); "

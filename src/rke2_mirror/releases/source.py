@@ -7,7 +7,7 @@ is streamed and refused past a cap suited to what is fetched (`LIST_MAX_BYTES`, 
 `CHANNELS_MAX_BYTES`), compressed or not, and past `DOWNLOAD_DEADLINE` seconds; redirects are followed
 without reading their bodies.  The cache: verified lists
 and checksum files under ``<lists-dir>/<product>/<version>/``, written atomically, read back with the same
-caps (`read_capped`).
+caps (`read_cached`).
 
 No typer, no tqdm. Notes go through a ``log`` callback, and HTTP goes through an injected ``httpx.Client``.
 """
@@ -270,9 +270,10 @@ def http_get(client: httpx.Client, url: str, limit: int = MAX_DOWNLOAD_BYTES, wh
 # --------------------------------------------------------------------------- the cache
 
 
-def read_capped(path: Path, limit: int, what: str) -> bytes:
+def read_cached(path: Path, limit: int, what: str) -> bytes:
     """A cached file's bytes, reading no more than `limit` + 1 of them: larger is an InputError naming the
-    file and the cap.  OSError (FileNotFoundError, ...) as `open` raises it."""
+    file and the cap.  OSError (FileNotFoundError: not cached) as `open` raises it, for the caller to fetch
+    instead (`files.read_capped`, for files a user names, turns every OSError into one error line)."""
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
